@@ -1,0 +1,160 @@
+"""MAE step-time benchmark (CPU): medmim MAE vs MONAI's MaskedAutoEncoderViT, and MAE vs full-token.
+
+One "step" = forward + backward + AdamW step on a random batch. Three models per setting, at the
+same configuration (encoder width/depth/heads, MLP ratio 4, decoder width/depth/heads, mask ratio,
+image and patch size):
+
+- ``medmim MAE``   -- medmim.models.mae.MAE (encoder sees visible tokens only, fused qkv + SDPA)
+- ``MONAI MAE``    -- monai.networks.nets.MaskedAutoEncoderViT, trained with the same loss
+                      (MSE over the hidden patches, raw pixel targets: norm-pix is off for both)
+- ``full-token``   -- medmim.models.mae.SimMIM: every token through the encoder (mask tokens)
+
+Goals: medmim MAE >= 1.3x faster than the MONAI path; MAE step <= 0.4x the full-token step.
+
+Run:  .venv/bin/python bench/bench_mae.py            (writes bench/results/mae.md)
+      .venv/bin/python bench/bench_mae.py --quick    (tiny sizes, a smoke test; no file written)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from medmim.io import write_text  # noqa: E402
+from medmim.models.mae import MAE, SimMIM, patchify  # noqa: E402
+from medmim.models.vit import build_vit  # noqa: E402
+
+SETTINGS = {
+    # name: spatial_dims, img, patch, batch, encoder (dim, depth, heads), decoder (dim, depth, heads)
+    "2D 224² p16 ViT-S": dict(sd=2, img=224, patch=16, batch=8, enc=(384, 12, 6), dec=(192, 4, 6)),
+    "3D 96³ p16 ViT-S": dict(sd=3, img=96, patch=16, batch=4, enc=(384, 12, 6), dec=(192, 4, 6)),
+}
+QUICK = {
+    "2D 64² p8 tiny": dict(sd=2, img=64, patch=8, batch=4, enc=(96, 2, 3), dec=(48, 1, 2)),
+    "3D 32³ p8 tiny": dict(sd=3, img=32, patch=8, batch=2, enc=(96, 2, 3), dec=(48, 1, 2)),
+}
+MASK_RATIO = 0.75
+
+
+def medmim_mae(s):
+    d, depth, heads = s["enc"]
+    enc = build_vit("small", spatial_dims=s["sd"], img_size=s["img"], patch_size=s["patch"],
+                    embed_dim=d, depth=depth, num_heads=heads)
+    dd, ddepth, dheads = s["dec"]
+    model = MAE(enc, decoder_dim=dd, decoder_depth=ddepth, decoder_heads=dheads,
+                mask_ratio=MASK_RATIO, norm_pix_loss=False)
+    return model, lambda x: model(x)["loss"]
+
+
+def medmim_full_token(s):
+    d, depth, heads = s["enc"]
+    enc = build_vit("small", spatial_dims=s["sd"], img_size=s["img"], patch_size=s["patch"],
+                    embed_dim=d, depth=depth, num_heads=heads)
+    model = SimMIM(enc, mask_ratio=MASK_RATIO, loss="mse")
+    return model, lambda x: model(x)["loss"]
+
+
+def monai_mae(s):
+    from monai.networks.nets import MaskedAutoEncoderViT
+
+    d, depth, heads = s["enc"]
+    dd, ddepth, dheads = s["dec"]
+    model = MaskedAutoEncoderViT(
+        in_channels=1, img_size=s["img"], patch_size=s["patch"], hidden_size=d, mlp_dim=4 * d,
+        num_layers=depth, num_heads=heads, masking_ratio=MASK_RATIO, decoder_hidden_size=dd,
+        decoder_mlp_dim=4 * dd, decoder_num_layers=ddepth, decoder_num_heads=dheads,
+        spatial_dims=s["sd"], qkv_bias=True)
+
+    def loss_fn(x):
+        pred, mask = model(x)
+        target = patchify(x, s["patch"])  # MONAI's token order is the same row-major grid order
+        return ((pred - target) ** 2).mean(-1)[mask.bool()].mean()
+
+    return model, loss_fn
+
+
+def time_steps(build, s, steps: int, warmup: int) -> tuple[float, float]:
+    torch.manual_seed(0)
+    model, loss_fn = build(s)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.randn(s["batch"], 1, *([s["img"]] * s["sd"]))
+    times = []
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        loss = loss_fn(x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times), min(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--quick", action="store_true", help="tiny sizes, no results file")
+    ap.add_argument("--out", default=str(ROOT / "bench/results/mae.md"))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    settings = QUICK if args.quick else SETTINGS
+    models = {"medmim MAE": medmim_mae, "MONAI MAE": monai_mae, "full-token (SimMIM)": medmim_full_token}
+
+    rows, ratios = [], []
+    t_start = time.perf_counter()
+    for name, s in settings.items():
+        res = {}
+        for label, build in models.items():
+            med, best = time_steps(build, s, args.steps, args.warmup)
+            res[label] = med
+            rows.append(f"| {name} | batch {s['batch']} | {label} | {med * 1000:.0f} | {best * 1000:.0f} |")
+            print(rows[-1], flush=True)
+        speedup = res["MONAI MAE"] / res["medmim MAE"]
+        frac = res["medmim MAE"] / res["full-token (SimMIM)"]
+        ratios.append(f"| {name} | {speedup:.2f}x {'PASS' if speedup >= 1.3 else 'FAIL'} "
+                      f"| {frac:.2f} {'PASS' if frac <= 0.4 else 'FAIL'} |")
+        print(ratios[-1], flush=True)
+    total = time.perf_counter() - t_start
+
+    text = "\n".join([
+        "# MAE step-time benchmark",
+        "",
+        f"- date: {dt.date.today().isoformat()}",
+        f"- machine: {platform.processor() or platform.machine()}, CPU, torch threads = {args.threads} "
+        f"(2-core CPU), torch {torch.__version__}, Python {platform.python_version()}",
+        f"- command: `.venv/bin/python bench/bench_mae.py{' --quick' if args.quick else ''}` "
+        f"(steps={args.steps}, warmup={args.warmup}); whole run {total:.0f} s",
+        "- step = forward + backward + AdamW step, fp32, random input; mask ratio 0.75; encoder MLP "
+        "ratio 4; decoder 192 wide, 4 deep, 6 heads (ViT-S settings)",
+        "- MONAI path: `monai.networks.nets.MaskedAutoEncoderViT` with the same sizes (qkv bias on, "
+        "mlp_dim = 4 x width) and the same loss (MSE on hidden patches, raw pixels)",
+        "",
+        "| setting | batch | model | median step (ms) | best step (ms) |",
+        "|---|---|---|---|---|",
+        *rows,
+        "",
+        "| setting | MONAI / medmim (goal >= 1.3x) | MAE / full-token (goal <= 0.4) |",
+        "|---|---|---|",
+        *ratios,
+        "",
+    ])
+    print(text)
+    if not args.quick:
+        write_text(args.out, text)
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,247 @@
+"""Configs: YAML files validated on load, with `key.sub=value` overrides from the command line.
+
+Every section forbids unknown keys, so a typo is an error that names the key and lists what is
+allowed. The resolved config (defaults + file + overrides) is saved in the run directory.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from medmim.errors import ConfigError
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunConfig(Section):
+    name: str = "run"
+    seed: int = 0
+    out_dir: str = "runs"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    num_threads: int = Field(2, ge=1)  # CPU threads; fixed so results repeat
+
+
+class PhantomConfig(Section):
+    out_dir: str = "data/phantoms"
+    n_patients: int = Field(120, ge=6)
+    images_per_patient: int = Field(2, ge=1)
+    size_2d: int = Field(64, ge=16)
+    size_3d: int = Field(32, ge=16)
+    abnormal_fraction: float = Field(0.5, gt=0, lt=1)
+    seed: int = 1234
+
+
+class DataConfig(Section):
+    source: Literal["phantoms", "medmnist", "manifest"] = "phantoms"
+    path: Optional[str] = None  # npz file (medmnist) or manifest CSV/JSONL (manifest)
+    spatial_dims: Literal[2, 3] = 2
+    image_size: int = Field(32, ge=8)  # side length fed to the network (resized)
+    modality: Literal["ct", "mri", "xray", "generic"] = "xray"
+    preset: Optional[str] = None  # modality preset name, e.g. "ct_soft_tissue", "mri_zscore"
+    num_classes: int = Field(2, ge=1)
+    task: Literal["classification", "segmentation"] = "classification"
+    val_fraction: float = Field(0.15, ge=0, lt=1)  # patient-level, when the source has no split
+    test_fraction: float = Field(0.2, ge=0, lt=1)
+    pretrain_on_test: bool = False  # test images never reach pretraining unless this is true
+    max_train_images: Optional[int] = Field(None, ge=1)  # cap for quick runs
+    num_workers: int = Field(0, ge=0)
+    cache: Literal["none", "memory", "disk"] = "memory"
+    strict: bool = False  # stop at the first unreadable file instead of skipping it
+    phantoms: PhantomConfig = PhantomConfig()
+
+    @model_validator(mode="after")
+    def _path_needed(self) -> "DataConfig":
+        if self.source in ("medmnist", "manifest") and not self.path:
+            raise ValueError(f"data.path is required when data.source is '{self.source}'")
+        return self
+
+
+class EncoderConfig(Section):
+    name: Literal["vit_tiny", "vit_small", "vit_base", "resnet18", "resnet50", "convnext_tiny"] = "vit_tiny"
+    patch_size: int = Field(4, ge=1)  # ViT patch size
+    embed_dim: Optional[int] = Field(None, ge=8)  # ViT overrides for small experiments
+    depth: Optional[int] = Field(None, ge=1)
+    num_heads: Optional[int] = Field(None, ge=1)
+    width: Optional[int] = Field(None, ge=4)  # CNN base channels
+    small_input: bool = True  # CNN stem for small images (e.g. 28x28 MedMNIST)
+    drop_path: float = Field(0.0, ge=0, lt=1)
+
+
+class OptimSettings(Section):
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+    warmup_epochs: float = Field(1.0, ge=0)
+    grad_accum: int = Field(1, ge=1)
+    clip_grad: Optional[float] = Field(None, gt=0)
+
+
+class PretrainConfig(OptimSettings):
+    method: Literal["mae", "spark", "simclr", "none"] = "mae"
+    mask_ratio: float = Field(0.75, gt=0, lt=1)
+    masking: Literal["random", "block", "noise_low", "noise_high", "noise_band", "loss_guided"] = "random"
+    norm_pix_loss: bool = True
+    decoder_dim: int = Field(128, ge=8)
+    decoder_depth: int = Field(2, ge=1)
+    backend: Literal["sparse", "dense"] = "sparse"  # SparK execution backend
+    temperature: float = Field(0.2, gt=0)  # SimCLR
+    recon_every: int = Field(5, ge=0)  # epochs between reconstruction grids (0: only at the end)
+    lr: float = Field(1.5e-3, gt=0)
+
+
+class FinetuneConfig(OptimSettings):
+    mode: Literal["linear", "full"] = "full"
+    init: str = "pretrained"  # "pretrained" (this run's export), "scratch", or a weights path
+    label_fraction: float = Field(1.0, gt=0, le=1)
+    layer_decay: float = Field(0.75, gt=0, le=1)
+    loss: Literal["ce", "weighted_ce", "focal"] = "ce"
+    multilabel: bool = False
+    freeze_epochs: int = Field(0, ge=0)  # full mode: train the head alone first
+
+
+class StudyConfig(Section):
+    fractions: list[float] = [0.1, 1.0]
+    seeds: list[int] = [0]
+    inits: list[str] = ["mae", "scratch"]  # pretext names, or "scratch"
+    modes: list[Literal["linear", "full"]] = ["full"]
+    metric: str = "auroc"
+
+    @field_validator("fractions")
+    @classmethod
+    def _fractions_in_range(cls, v: list[float]) -> list[float]:
+        bad = [f for f in v if not 0 < f <= 1]
+        if bad or not v:
+            raise ValueError(f"fractions must be in (0, 1], got {v}")
+        return sorted(set(v))
+
+
+class Config(Section):
+    run: RunConfig = RunConfig()
+    data: DataConfig = DataConfig()
+    encoder: EncoderConfig = EncoderConfig()
+    pretrain: PretrainConfig = PretrainConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
+    study: StudyConfig = StudyConfig()
+
+
+# ----------------------------------------------------------------------------------------------
+# loading, overrides, errors
+
+
+def _allowed_keys(model: type[BaseModel]) -> list[str]:
+    return sorted(model.model_fields)
+
+
+def _section_model(path: tuple[Any, ...]) -> type[BaseModel]:
+    model: type[BaseModel] = Config
+    for part in path:
+        field = model.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None) if field else None
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            model = ann
+        else:
+            break
+    return model
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    loc = tuple(str(p) for p in first["loc"])
+    key = ".".join(loc) or "(top level)"
+    if first["type"] == "extra_forbidden":
+        parent = _section_model(loc[:-1])
+        allowed = _allowed_keys(parent)
+        close = difflib.get_close_matches(loc[-1], allowed, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        return f"{source}: unknown key '{key}'{hint}; allowed here: {', '.join(allowed)}"
+    if first["type"] == "missing":
+        return f"{source}: missing required key '{key}'"
+    given = first.get("input")
+    msg = first["msg"]
+    return f"{source}: bad value for '{key}': {msg} (got {given!r})"
+
+
+def _parse_scalar(text: str) -> Any:
+    """Parse an override value with YAML rules: 3 -> int, 0.5 -> float, true -> bool, [1,2] -> list."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like key.sub=value")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"override '{item}': empty key part")
+        node = raw
+        for part in parts[:-1]:
+            nxt = node.setdefault(part, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override '{item}': '{part}' is a value, not a section")
+            node = nxt
+        node[parts[-1]] = _parse_scalar(value)
+    return raw
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """A path as given, or a bare name looked up in the project's configs/ folder."""
+    p = Path(path)
+    if p.exists():
+        return p
+    for cand in (CONFIG_DIR / p, CONFIG_DIR / f"{p}.yaml"):
+        if cand.exists():
+            return cand
+    names = sorted(q.stem for q in CONFIG_DIR.glob("*.yaml"))
+    raise ConfigError(f"{path}: config file not found (bundled configs: {', '.join(names)})")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the YAML file (if any), then the overrides; validated as a whole."""
+    raw: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        p = resolve_config_path(path)
+        source = str(p)
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{p}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of sections")
+        raw = loaded
+    if overrides:
+        raw = apply_overrides(raw, list(overrides))
+        source += " + overrides"
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err, source)) from None
+
+
+def with_overrides(cfg: Config, overrides: list[str]) -> Config:
+    raw = apply_overrides(cfg.model_dump(mode="json"), overrides)
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err, "overrides")) from None
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,114 @@
+"""Manifests: one row per image or volume (CSV or JSON lines).
+
+Columns: ``image`` (required; path relative to the manifest's folder or absolute), ``label``,
+``patient_id``, ``study_id``, ``series_id``, ``split`` (train/val/test or empty), ``mask``,
+``modality``. Extra columns are kept.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from pathlib import Path
+from typing import Iterable
+
+from medmim.errors import DataError
+from medmim.io import atomic_path
+
+COLUMNS = ["image", "label", "patient_id", "study_id", "series_id", "split", "mask", "modality"]
+PATH_COLUMNS = ("image", "mask")
+
+
+def _parse_label(value):
+    if value is None or value == "":
+        return None
+    if isinstance(value, (int, float, list)):
+        return value
+    text = str(value).strip()
+    if text.startswith("["):
+        return json.loads(text)
+    try:
+        return int(text)
+    except ValueError:
+        try:
+            return float(text)
+        except ValueError:
+            return text
+
+
+def read_manifest(path: str | Path) -> list[dict]:
+    """Read a manifest; paths become absolute; a missing column or file is named in the error."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: manifest not found")
+    if path.suffix in (".jsonl", ".json"):
+        rows = []
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"{path}: line {n} is not valid JSON ({exc.msg})") from None
+    else:
+        with open(path, newline="") as fh:
+            rows = list(csv.DictReader(fh))
+    if not rows:
+        raise DataError(f"{path}: manifest has no rows")
+    if "image" not in rows[0]:
+        raise DataError(f"{path}: manifest needs an 'image' column (found: {', '.join(rows[0])})")
+    base = path.parent
+    for n, row in enumerate(rows, 2):
+        if not row.get("image"):
+            raise DataError(f"{path}: row {n} has an empty 'image'")
+        for col in PATH_COLUMNS:
+            if row.get(col):
+                p = Path(row[col])
+                row[col] = str(p if p.is_absolute() else (base / p))
+        row["label"] = _parse_label(row.get("label"))
+        row.setdefault("patient_id", "")
+        if not row["patient_id"]:
+            row["patient_id"] = Path(row["image"]).stem
+        row["split"] = row.get("split") or ""
+    return rows
+
+
+def write_manifest(rows: Iterable[dict], path: str | Path, relative_to: str | Path | None = None) -> Path:
+    """Write rows as CSV (or JSONL by suffix) atomically; paths relative to ``relative_to`` if given."""
+    path = Path(path)
+    rows = [dict(r) for r in rows]
+    base = Path(relative_to) if relative_to else None
+    for r in rows:
+        for col in PATH_COLUMNS:
+            if base is not None and r.get(col):
+                try:
+                    r[col] = str(Path(r[col]).resolve().relative_to(base.resolve()))
+                except ValueError:
+                    pass
+        if isinstance(r.get("label"), list):
+            r["label"] = json.dumps(r["label"])
+    fields = COLUMNS + sorted({k for r in rows for k in r} - set(COLUMNS))
+    with atomic_path(path) as tmp:
+        if path.suffix == ".jsonl":
+            tmp.write_text("".join(json.dumps(r, default=str) + "\n" for r in rows))
+        else:
+            with open(tmp, "w", newline="") as fh:
+                w = csv.DictWriter(fh, fieldnames=fields)
+                w.writeheader()
+                w.writerows(rows)
+    return path
+
+
+def records_fingerprint(records: list[dict]) -> str:
+    """A short hash identifying the data: file paths, sizes and labels (or pixel bytes for arrays)."""
+    h = hashlib.sha256()
+    for r in records:
+        img = r["image"]
+        if isinstance(img, (str, Path)):
+            p = Path(img)
+            h.update(p.name.encode())
+            h.update(str(p.stat().st_size if p.exists() else -1).encode())
+        else:
+            h.update(memoryview(img.tobytes()))
+        h.update(repr((r.get("label"), r.get("split"))).encode())
+    return h.hexdigest()[:16]

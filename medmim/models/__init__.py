@@ -1,0 +1,66 @@
+"""Encoders, pretexts and heads, built by name from the config.
+
+See docs/contracts.md for the Encoder and Pretext contracts every model here meets.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from medmim.config import EncoderConfig, PretrainConfig
+from medmim.errors import ConfigError
+
+VIT_NAMES = ("vit_tiny", "vit_small", "vit_base")
+CNN_NAMES = ("resnet18", "resnet50", "convnext_tiny")
+
+
+def build_encoder(name: str, spatial_dims: int = 2, in_channels: int = 1, img_size: int = 224,
+                  **kwargs) -> nn.Module:
+    """An Encoder by name; extra keyword arguments go to the family's constructor."""
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    if name in VIT_NAMES:
+        from medmim.models.vit import build_vit
+
+        return build_vit(name.split("_", 1)[1], spatial_dims=spatial_dims, in_channels=in_channels,
+                         img_size=img_size, **kwargs)
+    if name in CNN_NAMES:
+        from medmim.models.cnn import build_cnn
+
+        return build_cnn(name, spatial_dims=spatial_dims, in_channels=in_channels, **kwargs)
+    raise ConfigError(f"encoder.name: unknown encoder '{name}'; allowed: {', '.join(VIT_NAMES + CNN_NAMES)}")
+
+
+def encoder_from_config(enc: EncoderConfig, spatial_dims: int, img_size: int, in_channels: int = 1) -> nn.Module:
+    if enc.name in VIT_NAMES:
+        kw = dict(patch_size=enc.patch_size, embed_dim=enc.embed_dim, depth=enc.depth,
+                  num_heads=enc.num_heads, drop_path_rate=enc.drop_path)
+    else:
+        kw = dict(width=enc.width, small_input=enc.small_input, drop_path=enc.drop_path)
+    return build_encoder(enc.name, spatial_dims=spatial_dims, in_channels=in_channels, img_size=img_size, **kw)
+
+
+def build_pretext(cfg: PretrainConfig, encoder: nn.Module) -> nn.Module:
+    """A pretext module around ``encoder`` (Pretext contract)."""
+    method = cfg.method
+    if method == "mae":
+        from medmim.masking import build_mask_generator
+        from medmim.models.mae import MAE
+
+        if encoder.__class__.__name__ != "ViT":
+            raise ConfigError("pretrain.method 'mae' needs a ViT encoder (encoder.name vit_*); "
+                              "use 'spark' for CNN encoders")
+        return MAE(encoder, decoder_dim=cfg.decoder_dim, decoder_depth=cfg.decoder_depth,
+                   mask_generator=build_mask_generator(cfg.masking, cfg.mask_ratio),
+                   norm_pix_loss=cfg.norm_pix_loss)
+    if method == "spark":
+        from medmim.models.spark import SparK
+
+        if not hasattr(encoder, "stages") and encoder.__class__.__name__ == "ViT":
+            raise ConfigError("pretrain.method 'spark' needs a CNN encoder (resnet18, resnet50, convnext_tiny)")
+        return SparK(encoder, mask_ratio=cfg.mask_ratio, backend=cfg.backend, norm_pix_loss=cfg.norm_pix_loss,
+                     decoder_width=cfg.decoder_dim)
+    if method == "simclr":
+        from medmim.models.simclr import SimCLR
+
+        return SimCLR(encoder, temperature=cfg.temperature)
+    raise ConfigError(f"pretrain.method: '{method}' builds no pretext")

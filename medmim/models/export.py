@@ -1,0 +1,117 @@
+"""Encoder weights as safetensors + a JSON sidecar, and loading them by name with a strict report."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from medmim.errors import MedmimError
+from medmim.io import atomic_path, write_json
+
+WEIGHTS_NAME = "encoder.safetensors"
+SIDECAR_NAME = "encoder.json"
+
+
+@dataclass
+class KeyReport:
+    """What happened to each parameter name when weights were loaded into a model."""
+
+    matched: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)  # in the model, not in the file
+    unexpected: list[str] = field(default_factory=list)  # in the file, not in the model
+    mismatched: list[str] = field(default_factory=list)  # same name, different shape
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.unexpected or self.mismatched)
+
+    def summary(self) -> str:
+        lines = [
+            f"weights: {len(self.matched)} matched, {len(self.missing)} missing, "
+            f"{len(self.unexpected)} unexpected, {len(self.mismatched)} shape-mismatched"
+        ]
+        for title, keys in (("missing", self.missing), ("unexpected", self.unexpected),
+                            ("shape-mismatched", self.mismatched)):
+            if keys:
+                shown = ", ".join(keys[:8]) + (f", ... (+{len(keys) - 8})" if len(keys) > 8 else "")
+                lines.append(f"  {title}: {shown}")
+        return "\n".join(lines)
+
+
+def export_encoder(encoder: nn.Module, out_dir: str | Path, meta: dict[str, Any]) -> Path:
+    """Write ``encoder.safetensors`` and ``encoder.json`` (architecture and provenance) atomically."""
+    out_dir = Path(out_dir)
+    state = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
+    sidecar = {
+        "format": "medmim-encoder-v1",
+        "spatial_dims": getattr(encoder, "spatial_dims", None),
+        "in_channels": getattr(encoder, "in_channels", None),
+        "feature_channels": list(getattr(encoder, "feature_channels", []) or []),
+        "downsample_ratio": getattr(encoder, "downsample_ratio", None),
+        "num_tensors": len(state),
+        **meta,
+    }
+    weights = out_dir / WEIGHTS_NAME
+    with atomic_path(weights) as tmp:
+        save_file(state, str(tmp), metadata={"format": "medmim-encoder-v1"})
+    write_json(out_dir / SIDECAR_NAME, sidecar)
+    return weights
+
+
+def read_sidecar(weights_path: str | Path) -> dict[str, Any]:
+    side = Path(weights_path).with_suffix(".json")
+    if not side.exists():
+        return {}
+    return json.loads(side.read_text())
+
+
+def load_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a weights file without ever executing pickled code."""
+    path = Path(path)
+    if not path.exists():
+        raise MedmimError(f"{path}: weights file not found")
+    if path.suffix == ".safetensors":
+        try:
+            return load_file(str(path))
+        except Exception as exc:  # noqa: BLE001 - safetensors raises several types
+            raise MedmimError(f"{path}: not a readable safetensors file ({exc})") from None
+    from medmim.train.checkpoint import safe_torch_load  # weights_only, refuses pickle payloads
+
+    obj = safe_torch_load(path)
+    for key in ("encoder", "state_dict", "model"):
+        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
+            obj = obj[key]
+            break
+    return obj
+
+
+def load_encoder_weights(model: nn.Module, path: str | Path, prefix: str = "",
+                         strict: bool = False, verbose: bool = True) -> KeyReport:
+    """Load weights by name. ``prefix`` is stripped from file keys (e.g. ``"encoder."``)."""
+    state = load_state(path)
+    if prefix:
+        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    own = model.state_dict()
+    report = KeyReport()
+    usable = {}
+    for key, value in state.items():
+        if key not in own:
+            report.unexpected.append(key)
+        elif tuple(own[key].shape) != tuple(value.shape):
+            report.mismatched.append(f"{key} {tuple(value.shape)}->{tuple(own[key].shape)}")
+        else:
+            usable[key] = value
+            report.matched.append(key)
+    report.missing = [k for k in own if k not in state]
+    if strict and not report.ok:
+        raise MedmimError(f"{path}: weights do not match the model\n{report.summary()}")
+    model.load_state_dict(usable, strict=False)
+    if verbose:
+        print(report.summary())
+    return report

@@ -1,0 +1,233 @@
+"""Masked autoencoders on a ViT encoder: MAE (visible tokens only) and a full-token SimMIM variant.
+
+MAE (He et al. 2022): the encoder sees ONLY the visible patches; a light decoder (its own width and
+depth) gets the encoded visible tokens scattered back onto the full grid, a shared learned mask
+token at every hidden cell, plus a fixed sin-cos position embedding, and predicts every patch's
+pixels. The loss is the mean squared error over the HIDDEN patches only, optionally against
+per-patch normalised targets (``norm_pix_loss``: each target patch minus its mean, over its std).
+
+SimMIM (Xie et al. 2022), full-token: every patch enters the encoder, hidden ones replaced by a
+learned mask token; a linear head predicts the pixels; L1 on the hidden patches. It costs a full
+encoder pass, which is what the MAE bench compares against.
+
+Both follow the Pretext contract (docs/contracts.md): ``forward(x, mask=None)`` returns a dict with
+``loss``, ``mask`` ``(B, *grid)`` bool, ``recon`` ``(B, C, *spatial)`` (prediction at hidden patches,
+the input pasted back at visible ones; detached, for display) and ``pred`` ``(B, N, P)`` (the raw
+per-patch prediction, in normalised units when ``norm_pix_loss``; ``P = C * patch_size ** dims``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from medmim.masking import (DifficultyPredictor, LossGuidedMask, RandomMask, build_mask_generator,
+                            difficulty_loss, visible_indices)
+from medmim.models.vit import Block, sincos_position_embedding
+
+NORM_PIX_EPS = 1e-6
+
+
+# ---- patches ------------------------------------------------------------------------------------
+def patchify(x: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """``(B, C, *spatial)`` -> ``(B, N, p**d * C)``: patches in row-major grid order, each flattened
+    as (p, p[, p], C). The inverse of :func:`unpatchify`."""
+    b, c, *spatial = x.shape
+    d, p = len(spatial), patch_size
+    if any(s % p for s in spatial):
+        raise ValueError(f"spatial shape {tuple(spatial)} is not divisible by patch size {p}")
+    grid = [s // p for s in spatial]
+    x = x.reshape(b, c, *[v for g in grid for v in (g, p)])
+    # (B, C, g1, p, g2, p, ...) -> (B, g1, g2, ..., p, p, ..., C)
+    x = x.permute(0, *[2 + 2 * i for i in range(d)], *[3 + 2 * i for i in range(d)], 1)
+    return x.reshape(b, math.prod(grid), p**d * c)
+
+
+def unpatchify(patches: torch.Tensor, patch_size: int, grid: Sequence[int], channels: int) -> torch.Tensor:
+    """``(B, N, p**d * C)`` -> ``(B, C, *spatial)``; the exact inverse of :func:`patchify`."""
+    b, d, p = patches.shape[0], len(grid), patch_size
+    x = patches.reshape(b, *grid, *([p] * d), channels)
+    # (B, g1.., p.., C) -> (B, C, g1, p, g2, p, ...)
+    order = [0, 2 * d + 1]
+    for i in range(d):
+        order += [1 + i, 1 + d + i]
+    return x.permute(*order).reshape(b, channels, *[g * p for g in grid])
+
+
+def _normalise_patches(target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    mean = target.mean(-1, keepdim=True)
+    std = (target.var(-1, keepdim=True, unbiased=False) + NORM_PIX_EPS).sqrt()
+    return (target - mean) / std, mean, std
+
+
+def _resolve_generator(mask_generator, mask_ratio: float) -> Callable:
+    if mask_generator is None:
+        return RandomMask(mask_ratio)
+    if isinstance(mask_generator, str):
+        return build_mask_generator(mask_generator, mask_ratio)
+    return mask_generator
+
+
+def _gather(tokens: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    return torch.gather(tokens, 1, ids.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+
+
+# ---- MAE ----------------------------------------------------------------------------------------
+class MAE(nn.Module):
+    """Masked autoencoder around a ViT (``medmim.models.vit.ViT``), 2D or 3D.
+
+    Args:
+        encoder: a ViT (needs ``embed``, ``forward_tokens``, ``grid_of``, ``patch_size``).
+        decoder_dim, decoder_depth, decoder_heads: the light decoder (MAE: 512/8/16 for ViT-B; a
+            128-256 wide, 2-4 deep decoder is plenty for small medical datasets).
+        mask_ratio: fraction of hidden patches (0.75 default; 0.9 is the X-ray recipe).
+        mask_generator: a generator from ``medmim.masking``, or its name (built with
+            ``mask_ratio``); ``None`` = random. A ``LossGuidedMask`` adds a difficulty predictor
+            head here (``self.predictor``) and its loss to ``loss``.
+        norm_pix_loss: regress per-patch normalised pixels (MAE's better default).
+    """
+
+    def __init__(self, encoder: nn.Module, decoder_dim: int = 128, decoder_depth: int = 2,
+                 decoder_heads: int = 4, mask_ratio: float = 0.75, mask_generator=None,
+                 norm_pix_loss: bool = True, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.encoder = encoder
+        self.patch_size = encoder.patch_size
+        self.spatial_dims = encoder.spatial_dims
+        self.in_channels = encoder.in_channels
+        self.mask_ratio = mask_ratio
+        self.mask_generator = _resolve_generator(mask_generator, mask_ratio)
+        self.norm_pix_loss = norm_pix_loss
+        self.decoder_dim = decoder_dim
+        enc_dim = encoder.embed_dim
+        patch_numel = self.patch_size**self.spatial_dims * self.in_channels
+
+        self.decoder_embed = nn.Linear(enc_dim, decoder_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
+        self.register_buffer("decoder_pos_embed",
+                             sincos_position_embedding(encoder.grid, decoder_dim).unsqueeze(0),
+                             persistent=False)
+        self.decoder_blocks = nn.ModuleList(
+            Block(decoder_dim, decoder_heads, mlp_ratio) for _ in range(decoder_depth))
+        self.decoder_norm = nn.LayerNorm(decoder_dim)
+        self.decoder_pred = nn.Linear(decoder_dim, patch_numel)
+
+        self.predictor = None
+        if isinstance(self.mask_generator, LossGuidedMask):
+            self.predictor = DifficultyPredictor(enc_dim, self.mask_generator.predictor_hidden)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        nn.init.normal_(self.mask_token, std=0.02)
+        for m in [self.decoder_embed, self.decoder_pred, *self.decoder_blocks.modules()]:
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def set_progress(self, progress: float) -> None:
+        """Training progress in [0, 1]; drives the easy-to-hard schedule of loss-guided masking."""
+        if hasattr(self.mask_generator, "set_progress"):
+            self.mask_generator.set_progress(progress)
+
+    def _decoder_pos(self, grid: tuple[int, ...]) -> torch.Tensor:
+        if grid == tuple(self.encoder.grid):
+            return self.decoder_pos_embed
+        return sincos_position_embedding(grid, self.decoder_dim).unsqueeze(0).to(self.decoder_pos_embed)
+
+    def decode(self, latent: torch.Tensor, ids_keep: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
+        """Encoded visible tokens ``(B, Nv, D)`` -> per-patch pixel predictions ``(B, N, P)``."""
+        y = self.decoder_embed(latent)
+        b, n, dd = y.shape[0], math.prod(grid), y.shape[-1]
+        full = self.mask_token.to(y.dtype).expand(b, n, dd)
+        full = full.scatter(1, ids_keep.unsqueeze(-1).expand(-1, -1, dd), y)
+        full = full + self._decoder_pos(grid)
+        for blk in self.decoder_blocks:
+            full = blk(full)
+        return self.decoder_pred(self.decoder_norm(full))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
+                generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        grid = self.encoder.grid_of(x)
+        b = x.shape[0]
+        tokens = self.encoder.embed(x)
+        difficulty = self.predictor(tokens.detach()) if self.predictor is not None else None
+        if mask is None:
+            if difficulty is not None:
+                mask = self.mask_generator(b, grid, scores=difficulty.detach(), generator=generator,
+                                           device=x.device)
+            else:
+                mask = self.mask_generator(b, grid, generator=generator, device=x.device)
+        ids_keep, _ = visible_indices(mask)
+        latent = self.encoder.forward_tokens(_gather(tokens, ids_keep))
+        pred = self.decode(latent, ids_keep, grid)
+
+        target = patchify(x, self.patch_size)
+        if self.norm_pix_loss:
+            target_n, mean, std = _normalise_patches(target)
+        else:
+            target_n = target
+        hidden = mask.reshape(b, -1)
+        patch_loss = ((pred - target_n) ** 2).mean(-1)  # (B, N)
+        recon_loss = patch_loss[hidden].mean()
+        out = {"recon_loss": recon_loss.detach(), "mask": mask, "pred": pred}
+        loss = recon_loss
+        if difficulty is not None:
+            d_loss = difficulty_loss(difficulty, patch_loss, hidden)
+            loss = loss + self.mask_generator.predictor_weight * d_loss
+            out["difficulty_loss"] = d_loss.detach()
+        out["loss"] = loss
+
+        with torch.no_grad():
+            pix = pred.detach() * std + mean if self.norm_pix_loss else pred.detach()
+            pix = torch.where(hidden.unsqueeze(-1), pix.to(target.dtype), target)
+            out["recon"] = unpatchify(pix, self.patch_size, grid, self.in_channels)
+        return out
+
+
+# ---- SimMIM (full-token) ------------------------------------------------------------------------
+class SimMIM(nn.Module):
+    """Full-token masked image modelling: all patches go through the encoder, hidden ones replaced
+    by a learned mask token (before the position embedding is added); a linear head predicts each
+    patch's pixels; the loss (L1 by default, as in SimMIM) is over the hidden patches only."""
+
+    def __init__(self, encoder: nn.Module, mask_ratio: float = 0.75, mask_generator=None,
+                 loss: str = "l1", norm_pix_loss: bool = False):
+        super().__init__()
+        if loss not in ("l1", "mse"):
+            raise ValueError(f"loss must be 'l1' or 'mse', got {loss!r}")
+        self.encoder = encoder
+        self.patch_size = encoder.patch_size
+        self.spatial_dims = encoder.spatial_dims
+        self.in_channels = encoder.in_channels
+        self.mask_ratio = mask_ratio
+        self.mask_generator = _resolve_generator(mask_generator, mask_ratio)
+        self.loss_kind, self.norm_pix_loss = loss, norm_pix_loss
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, encoder.embed_dim))
+        nn.init.normal_(self.mask_token, std=0.02)
+        self.head = nn.Linear(encoder.embed_dim, self.patch_size**self.spatial_dims * self.in_channels)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
+                generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        grid = self.encoder.grid_of(x)
+        b = x.shape[0]
+        if mask is None:
+            mask = self.mask_generator(b, grid, generator=generator, device=x.device)
+        hidden = mask.reshape(b, -1)
+        tokens = self.encoder.embed(x, add_pos=False)
+        tokens = torch.where(hidden.unsqueeze(-1), self.mask_token.to(tokens.dtype), tokens)
+        tokens = tokens + self.encoder.position_embedding(grid)
+        pred = self.head(self.encoder.forward_tokens(tokens))
+
+        target = patchify(x, self.patch_size)
+        target_n, mean, std = _normalise_patches(target) if self.norm_pix_loss else (target, 0.0, 1.0)
+        err = (pred - target_n).abs() if self.loss_kind == "l1" else (pred - target_n) ** 2
+        loss = err.mean(-1)[hidden].mean()
+        with torch.no_grad():
+            pix = pred.detach() * std + mean if self.norm_pix_loss else pred.detach()
+            pix = torch.where(hidden.unsqueeze(-1), pix.to(target.dtype), target)
+            recon = unpatchify(pix, self.patch_size, grid, self.in_channels)
+        return {"loss": loss, "mask": mask, "pred": pred, "recon": recon}

@@ -1,0 +1,527 @@
+"""Masked execution of CNN encoders: one set of weights, two backends.
+
+SparK pretrains a CNN on the *visible* cells of an image only. The mask lives on the coarsest
+feature grid (one cell = ``downsample_ratio`` pixels per axis, ``True`` = hidden); at a feature map
+of stride ``s`` a site is *active* when the coarse cell that contains it is visible. Masked
+semantics (SparK's reference): every conv, pool and norm sees hidden sites as absent -- inputs
+there are zero, outputs there are zero, and batch-norm statistics are taken over active sites only.
+
+Two backends compute exactly these semantics with the same ``nn.Parameter`` tensors:
+
+``"dense"`` (masked-dense, :class:`DenseMasked`)
+    Ordinary dense ops on the full grid, with the mask re-applied after every conv, pool and norm.
+    Batch norm gathers the active sites, normalises them, and scatters them back. Simple and always
+    available; the reference the sparse backend is tested against.
+
+``"sparse"`` (:class:`SparseMasked`)
+    Only active sites are stored, as the rows of a ``spconv`` ``SparseConvTensor`` (features
+    ``(N, C)``, indices ``(N, 1 + spatial_dims)`` int32, row-major order). spconv builds the
+    rulebooks (which input row feeds which output row through which kernel offset), one per
+    (stride, kernel) and cached for the whole forward, so every stride-1 conv with the same kernel
+    at the same resolution shares one rulebook -- what spconv calls a shared ``indice_key``.
+    Stride-1 convs are submanifold (outputs only at active sites). Strided convs and max-pools use
+    spconv's regular sparse-conv rulebook, restricted to the sites active at the output stride (a
+    regular sparse conv also creates outputs on the border of the visible region; masked semantics
+    drops them) and put in the canonical row-major order so that residual branches line up.
+
+Why the sparse backend reads the torch weights instead of owning spconv modules: the encoder is
+written once with ordinary torch layouts (``(out, in, *kernel)``), so its ``state_dict`` is a plain
+CNN checkpoint that fine-tuning loads without conversion. The sparse path rearranges the same
+parameter on every call (``weight.reshape(O, C, kv).permute(2, 1, 0)``, a differentiable view
+copy), so gradients land on the single torch parameter.
+
+The arithmetic (gather, GEMM, scatter-add per kernel offset) runs in torch by default
+(``kernel="torch"``): the same code on CPU and CUDA. ``kernel="spconv"`` hands stride-1 and strided
+convs to spconv's own kernels instead (for CUDA servers with ``spconv-cu12x``). On CPU, spconv
+2.3.8's conv forward gives wrong rows when torch runs more than one thread (a race in its
+scatter-add, seen on 3D inputs), so on CPU those calls run single-threaded, and its backward needs
+:func:`_patch_spconv_cpu_stream` (it asks for a CUDA stream unconditionally).
+
+Usage: layers call the functions at the bottom of this module (:func:`conv`, :func:`batch_norm`,
+:func:`pointwise`, :func:`max_pool`, :func:`add`), which take either a plain tensor (no mask:
+ordinary dense ops) or a masked feature object made by :func:`masked_input`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+BACKENDS = ("dense", "sparse")
+KERNELS = ("torch", "spconv")
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_MAXPOOL = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
+
+
+# --------------------------------------------------------------------------------------------
+# spconv adapter: the only place that imports spconv
+# --------------------------------------------------------------------------------------------
+
+def _patch_spconv_cpu_stream() -> None:
+    """Make spconv's ``get_current_stream`` return 0 when CUDA is unavailable (idempotent).
+
+    spconv 2.3.8 calls ``torch.cuda.current_stream()`` in its conv backward even for CPU tensors,
+    which asserts "Torch not compiled with CUDA enabled". Stream 0 is what its CPU forward uses.
+    The name is imported by value into several spconv modules, so each binding is replaced.
+    """
+    from spconv.pytorch import cppcore, hash as sphash, ops
+
+    if getattr(ops.get_current_stream, "_medmim_cpu_safe", False):
+        return
+    original = cppcore.get_current_stream
+
+    def get_current_stream():
+        return original() if torch.cuda.is_available() else 0
+
+    get_current_stream._medmim_cpu_safe = True
+    for module in (cppcore, ops, sphash):
+        if hasattr(module, "get_current_stream"):
+            module.get_current_stream = get_current_stream
+
+
+def _spconv():
+    """Import spconv (once patched) and return ``(spconv.pytorch, ops, ConvAlgo)``."""
+    try:
+        import spconv.pytorch as spconv
+        from spconv.core import ConvAlgo
+        from spconv.pytorch import ops
+    except ImportError as exc:  # pragma: no cover - depends on the installation
+        raise ImportError(
+            "backend='sparse' needs spconv (pip install spconv; spconv-cu126 on CUDA servers); "
+            "backend='dense' runs the same masked semantics without it") from exc
+    _patch_spconv_cpu_stream()
+    return spconv, ops, ConvAlgo
+
+
+@contextlib.contextmanager
+def _single_thread_if_cpu(t: torch.Tensor):
+    """spconv's CPU conv kernels race with more than one torch thread: run them with one."""
+    if t.is_cuda:
+        yield
+        return
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+# --------------------------------------------------------------------------------------------
+# the mask at every stride, and the rulebooks built from it
+# --------------------------------------------------------------------------------------------
+
+class Rulebook:
+    """Which input row feeds which output row, per kernel offset.
+
+    ``pairs[k]`` is ``None`` for the identity offset of a submanifold conv (the centre tap:
+    output row == input row), else ``(inp, out)`` int64 index vectors. ``spconv_pairs`` /
+    ``spconv_counts`` hold the same pairs in spconv's own format for ``kernel="spconv"``.
+    """
+
+    def __init__(self, pairs, num_out, subm, spconv_pairs=None, spconv_counts=None):
+        self.pairs = pairs
+        self.num_out = num_out
+        self.subm = subm
+        self.spconv_pairs = spconv_pairs
+        self.spconv_counts = spconv_counts
+
+
+class MaskPlan:
+    """The visible sites at every stride of one masked forward pass, and its rulebook cache.
+
+    ``mask`` is ``(B, *grid)`` bool, ``True`` = hidden, on the grid of stride ``downsample_ratio``.
+    """
+
+    def __init__(self, mask: torch.Tensor, downsample_ratio: int, spatial_dims: int):
+        if mask.dtype != torch.bool or mask.dim() != spatial_dims + 1:
+            raise ValueError(f"mask must be a bool tensor (B, *grid) with {spatial_dims} grid dims, "
+                             f"got {tuple(mask.shape)} {mask.dtype}")
+        self.visible = ~mask
+        self.ratio = downsample_ratio
+        self.spatial_dims = spatial_dims
+        self.batch_size = mask.shape[0]
+        self._active: dict[int, torch.Tensor] = {}
+        self._sites: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._rulebooks: dict[tuple, Rulebook] = {}
+
+    def active(self, stride: int) -> torch.Tensor:
+        """``(B, *spatial)`` bool: sites of the feature map of this stride that are visible."""
+        if stride not in self._active:
+            if self.ratio % stride:
+                raise ValueError(f"stride {stride} does not divide downsample_ratio {self.ratio}")
+            act = self.visible
+            factor = self.ratio // stride
+            for dim in range(1, self.spatial_dims + 1):
+                act = act.repeat_interleave(factor, dim=dim)
+            self._active[stride] = act.contiguous()
+        return self._active[stride]
+
+    def sites(self, stride: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Active sites in canonical (row-major) order: ``indices`` (N, 1+d) int32 ``[b, z, y, x]``
+        and ``lookup`` (B, *spatial) int64 giving each site's row (-1 where hidden)."""
+        if stride not in self._sites:
+            act = self.active(stride)
+            # nonzero() may return a non-contiguous view; spconv reads raw memory, so copy.
+            indices = act.nonzero().to(torch.int32).contiguous()
+            lookup = torch.full(act.shape, -1, dtype=torch.long, device=act.device)
+            lookup[act] = torch.arange(indices.shape[0], device=act.device)
+            self._sites[stride] = (indices, lookup)
+        return self._sites[stride]
+
+    def spatial_shape(self, stride: int) -> list[int]:
+        return list(self.active(stride).shape[1:])
+
+    def rulebook(self, stride: int, kernel: int, conv_stride: int, padding: int,
+                 dilation: int = 1) -> Rulebook:
+        """Rulebook of a conv/pool applied to the stride-``stride`` map, cached per parameters."""
+        key = (stride, kernel, conv_stride, padding, dilation)
+        if key not in self._rulebooks:
+            self._rulebooks[key] = self._build_rulebook(*key)
+        return self._rulebooks[key]
+
+    def _build_rulebook(self, stride, kernel, conv_stride, padding, dilation) -> Rulebook:
+        d = self.spatial_dims
+        indices, _ = self.sites(stride)
+        subm = conv_stride == 1
+        if subm and padding != dilation * (kernel // 2):
+            raise NotImplementedError("stride-1 masked convs must be 'same' convs "
+                                      f"(kernel {kernel}, padding {padding})")
+        if subm and kernel == 1:
+            return Rulebook([None], indices.shape[0], True)
+        _, ops, ConvAlgo = _spconv()
+        out_ids, sp_pairs, sp_counts = ops.get_indice_pairs(
+            indices, self.batch_size, self.spatial_shape(stride), ConvAlgo.Native, [kernel] * d,
+            [conv_stride] * d, [padding] * d, [dilation] * d, [0] * d, subm, False)
+        counts = sp_counts.tolist()
+        kv = kernel ** d
+        if subm:
+            # spconv stores half of a submanifold rulebook: offset k and its mirror kv-1-k are the
+            # same pairs read in opposite directions; the centre is the identity.
+            pairs: list = [None] * kv
+            for k in range(kv // 2):
+                inp = sp_pairs[0, k, :counts[k]].long()
+                out = sp_pairs[1, k, :counts[k]].long()
+                pairs[k] = (inp, out)
+                pairs[kv - 1 - k] = (out, inp)
+            return Rulebook(pairs, indices.shape[0], True, sp_pairs, sp_counts)
+        # Regular (strided) rulebook: keep only outputs that are active at the output stride, and
+        # renumber them to that stride's canonical rows.
+        out_stride = stride * conv_stride
+        new_indices, lookup = self.sites(out_stride)
+        if list(lookup.shape[1:]) != list(_conv_out_shape(self.spatial_shape(stride), kernel,
+                                                          conv_stride, padding, dilation)):
+            raise ValueError(f"conv (kernel {kernel}, stride {conv_stride}, padding {padding}) on "
+                             f"a {self.spatial_shape(stride)} map does not give the stride-"
+                             f"{out_stride} grid {list(lookup.shape[1:])}")
+        row = lookup[tuple(out_ids.long().T)]  # -1 for outputs outside the visible region
+        pairs = []
+        max_n = 1
+        for k in range(kv):
+            inp = sp_pairs[0, k, :counts[k]].long()
+            out = row[sp_pairs[1, k, :counts[k]].long()]
+            keep = out >= 0
+            pairs.append((inp[keep], out[keep]))
+            max_n = max(max_n, int(keep.sum()))
+        sp_f = torch.full((2, kv, max_n), -1, dtype=torch.int32, device=indices.device)
+        sp_n = torch.zeros(kv, dtype=torch.int32, device=indices.device)
+        for k, (inp, out) in enumerate(pairs):
+            sp_f[0, k, :len(inp)] = inp.to(torch.int32)
+            sp_f[1, k, :len(out)] = out.to(torch.int32)
+            sp_n[k] = len(inp)
+        return Rulebook(pairs, new_indices.shape[0], False, sp_f, sp_n)
+
+
+def _conv_out_shape(shape, kernel, stride, padding, dilation):
+    return [(s + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1 for s in shape]
+
+
+# --------------------------------------------------------------------------------------------
+# sparse arithmetic on rows (torch; identical on CPU and CUDA)
+# --------------------------------------------------------------------------------------------
+
+class _RowConv(torch.autograd.Function):
+    """Gather-GEMM-scatter conv over a rulebook, saving only its inputs for backward.
+
+    ``weight`` is ``(kv, C, O)`` (dense conv) or ``(kv, C)`` (depthwise: per-channel products).
+    """
+
+    @staticmethod
+    def forward(ctx, feat, weight, rulebook):
+        depthwise = weight.dim() == 2
+        out_ch = weight.shape[1] if depthwise else weight.shape[2]
+        out = feat.new_zeros(rulebook.num_out, out_ch)
+        for k, pair in enumerate(rulebook.pairs):
+            if pair is None:
+                out += feat * weight[k] if depthwise else feat @ weight[k]
+            elif len(pair[0]):
+                inp, dst = pair
+                rows = feat[inp]
+                out.index_add_(0, dst, rows * weight[k] if depthwise else rows @ weight[k])
+        ctx.save_for_backward(feat, weight)
+        ctx.rulebook = rulebook
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        feat, weight = ctx.saved_tensors
+        depthwise = weight.dim() == 2
+        grad_out = grad_out.contiguous()
+        need_feat, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_feat = torch.zeros_like(feat) if need_feat else None
+        grad_w = torch.zeros_like(weight) if need_w else None
+        for k, pair in enumerate(ctx.rulebook.pairs):
+            if pair is None:
+                g, rows, inp = grad_out, feat, None
+            elif len(pair[0]):
+                inp, dst = pair
+                g, rows = grad_out[dst], feat[inp] if need_w else None
+            else:
+                continue
+            if need_w:
+                grad_w[k] = (rows * g).sum(0) if depthwise else rows.T @ g
+            if need_feat:
+                back = g * weight[k] if depthwise else g @ weight[k].T
+                if inp is None:
+                    grad_feat += back
+                else:
+                    grad_feat.index_add_(0, inp, back)
+        return grad_feat, grad_w, None
+
+
+class _SpconvConv(torch.autograd.Function):
+    """The same conv through spconv's own kernels (``kernel="spconv"``); weight ``(O, *k, C)``."""
+
+    @staticmethod
+    def forward(ctx, feat, weight, rulebook):
+        _, ops, ConvAlgo = _spconv()
+        feat = feat.contiguous()
+        with _single_thread_if_cpu(feat):
+            out = ops.indice_conv(feat, weight, rulebook.spconv_pairs, rulebook.spconv_counts,
+                                  rulebook.num_out, False, rulebook.subm, algo=ConvAlgo.Native)
+        ctx.save_for_backward(feat, weight)
+        ctx.rulebook = rulebook
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        _, ops, ConvAlgo = _spconv()
+        feat, weight = ctx.saved_tensors
+        rb = ctx.rulebook
+        with _single_thread_if_cpu(feat):
+            grad_feat, grad_w = ops.indice_conv_backward(
+                feat, weight, grad_out.contiguous(), rb.spconv_pairs, rb.spconv_counts, False,
+                rb.subm, algo=ConvAlgo.Native)
+        return grad_feat, grad_w, None
+
+
+class _RowMaxPool(torch.autograd.Function):
+    """Max over the active inputs of each window; ties go to the first offset (torch's rule)."""
+
+    @staticmethod
+    def forward(ctx, feat, rulebook):
+        out = feat.new_full((rulebook.num_out, feat.shape[1]), -math.inf)
+        arg = torch.zeros(out.shape, dtype=torch.long, device=feat.device)
+        for inp, dst in rulebook.pairs:  # within one offset every output row appears once
+            if not len(inp):
+                continue
+            cand, cur = feat[inp], out[dst]
+            better = cand > cur
+            out[dst] = torch.where(better, cand, cur)
+            arg[dst] = torch.where(better, inp[:, None].expand_as(cand), arg[dst])
+        ctx.save_for_backward(arg)
+        ctx.num_in = feat.shape[0]
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (arg,) = ctx.saved_tensors
+        grad = grad_out.new_zeros(ctx.num_in, grad_out.shape[1])
+        return grad.scatter_add_(0, arg, grad_out.contiguous()), None
+
+
+# --------------------------------------------------------------------------------------------
+# masked feature maps: the two backends
+# --------------------------------------------------------------------------------------------
+
+class DenseMasked:
+    """Masked-dense backend: a full ``(B, C, *spatial)`` map, zero at hidden sites."""
+
+    backend = "dense"
+
+    def __init__(self, x: torch.Tensor, stride: int, plan: MaskPlan):
+        self.x, self.stride, self.plan = x, stride, plan
+
+    def _remask(self, y: torch.Tensor, stride: int) -> "DenseMasked":
+        hidden = ~self.plan.active(stride).unsqueeze(1)
+        return DenseMasked(y.masked_fill(hidden, 0.0), stride, self.plan)
+
+    def conv(self, weight, bias, stride, padding, groups) -> "DenseMasked":
+        y = _CONV[self.plan.spatial_dims](self.x, weight, bias, stride, padding, 1, groups)
+        return self._remask(y, self.stride * stride)
+
+    def max_pool(self, kernel, stride, padding) -> "DenseMasked":
+        hidden = ~self.plan.active(self.stride).unsqueeze(1)
+        y = _MAXPOOL[self.plan.spatial_dims](self.x.masked_fill(hidden, -math.inf), kernel,
+                                             stride, padding)
+        return self._remask(y, self.stride * stride)
+
+    def rows(self, fn) -> "DenseMasked":
+        act = self.plan.active(self.stride)
+        y = fn(self.x.movedim(1, -1)[act])
+        out = y.new_zeros(*act.shape, y.shape[-1])
+        out[act] = y
+        return DenseMasked(out.movedim(-1, 1), self.stride, self.plan)
+
+    def pointwise(self, fn) -> "DenseMasked":
+        return self._remask(fn(self.x.movedim(1, -1)).movedim(-1, 1), self.stride)
+
+    def add(self, other: "DenseMasked") -> "DenseMasked":
+        return DenseMasked(self.x + other.x, self.stride, self.plan)
+
+    def dense(self) -> torch.Tensor:
+        return self.x
+
+
+class SparseMasked:
+    """Sparse backend: the active sites only, as an spconv ``SparseConvTensor``."""
+
+    backend = "sparse"
+
+    def __init__(self, features: torch.Tensor, stride: int, plan: MaskPlan, kernel: str = "torch"):
+        spconv, _, _ = _spconv()
+        indices, _ = plan.sites(stride)
+        self.tensor = spconv.SparseConvTensor(features, indices, plan.spatial_shape(stride),
+                                              plan.batch_size)
+        self.stride, self.plan, self.kernel = stride, plan, kernel
+
+    @property
+    def features(self) -> torch.Tensor:
+        return self.tensor.features
+
+    def _new(self, features, stride=None) -> "SparseMasked":
+        return SparseMasked(features, self.stride if stride is None else stride, self.plan,
+                            self.kernel)
+
+    def conv(self, weight, bias, stride, padding, groups) -> "SparseMasked":
+        out_ch, in_per_group = weight.shape[:2]
+        kernel = weight.shape[-1]
+        if any(k != kernel for k in weight.shape[2:]):
+            raise NotImplementedError("masked convs need cubic kernels")
+        rb = self.plan.rulebook(self.stride, kernel, stride, padding)
+        kv = kernel ** self.plan.spatial_dims
+        if groups == 1:
+            if self.kernel == "spconv" and kv > 1:
+                w = weight.movedim(1, -1).contiguous()  # spconv's KRSC layout (O, *k, C)
+                y = _SpconvConv.apply(self.features, w, rb)
+            else:
+                y = _RowConv.apply(self.features, weight.reshape(out_ch, in_per_group, kv)
+                                   .permute(2, 1, 0).contiguous(), rb)
+        elif groups == out_ch and in_per_group == 1 and self.features.shape[1] == groups:
+            y = _RowConv.apply(self.features, weight.reshape(out_ch, kv).T.contiguous(), rb)
+        else:
+            raise NotImplementedError("masked convs support groups=1 or depthwise convs only")
+        if bias is not None:
+            y = y + bias
+        return self._new(y, self.stride * stride)
+
+    def max_pool(self, kernel, stride, padding) -> "SparseMasked":
+        rb = self.plan.rulebook(self.stride, kernel, stride, padding)
+        return self._new(_RowMaxPool.apply(self.features, rb), self.stride * stride)
+
+    def rows(self, fn) -> "SparseMasked":
+        return self._new(fn(self.features))
+
+    pointwise = rows  # every stored row is active: nothing to re-mask
+
+    def add(self, other: "SparseMasked") -> "SparseMasked":
+        if other.stride != self.stride:
+            raise ValueError("cannot add sparse maps of different strides")
+        return self._new(self.features + other.features)
+
+    def dense(self) -> torch.Tensor:
+        return self.tensor.dense(channels_first=True)
+
+
+Masked = DenseMasked | SparseMasked
+
+
+def masked_input(x: torch.Tensor, mask: torch.Tensor, downsample_ratio: int,
+                 backend: str = "dense", kernel: str = "torch") -> Masked:
+    """Wrap an input image for masked execution: the one place a backend is chosen.
+
+    ``x`` is ``(B, C, *spatial)`` with ``spatial`` divisible by ``downsample_ratio``; ``mask``
+    ``(B, *grid)`` bool, ``True`` = hidden. Hidden pixels are dropped (sparse) or zeroed (dense).
+    """
+    spatial_dims = x.dim() - 2
+    grid = tuple(s // downsample_ratio for s in x.shape[2:])
+    if any(s % downsample_ratio for s in x.shape[2:]) or tuple(mask.shape) != (x.shape[0], *grid):
+        raise ValueError(f"input {tuple(x.shape)} with downsample ratio {downsample_ratio} needs a "
+                         f"mask of shape {(x.shape[0], *grid)}, got {tuple(mask.shape)}")
+    plan = MaskPlan(mask.to(x.device), downsample_ratio, spatial_dims)
+    act = plan.active(1)
+    if backend == "dense":
+        return DenseMasked(x.masked_fill(~act.unsqueeze(1), 0.0), 1, plan)
+    if backend == "sparse":
+        if kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+        return SparseMasked(x.movedim(1, -1)[act], 1, plan, kernel)
+    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# masked-aware ops: what encoder layers call (plain tensor = no mask = ordinary dense op)
+# --------------------------------------------------------------------------------------------
+
+def conv(h, weight, bias=None, stride=1, padding=0, groups=1):
+    """N-d convolution; ``weight`` in torch layout ``(out, in / groups, *kernel)``."""
+    if isinstance(h, torch.Tensor):
+        return _CONV[h.dim() - 2](h, weight, bias, stride, padding, 1, groups)
+    return h.conv(weight, bias, stride, padding, groups)
+
+
+def max_pool(h, kernel, stride, padding=0):
+    """Max-pool; masked: the max over the window's active sites only."""
+    if isinstance(h, torch.Tensor):
+        return _MAXPOOL[h.dim() - 2](h, kernel, stride, padding)
+    return h.max_pool(kernel, stride, padding)
+
+
+def batch_norm(h, fn: Callable[[torch.Tensor], torch.Tensor]):
+    """Apply ``fn`` (a norm with batch statistics, taking ``(N, C)``) over active sites only."""
+    if isinstance(h, torch.Tensor):
+        return fn(h)
+    return h.rows(fn)
+
+
+def pointwise(h, fn: Callable[[torch.Tensor], torch.Tensor]):
+    """Apply a per-site ``fn`` on channels-last values ``(..., C) -> (..., C')``."""
+    if isinstance(h, torch.Tensor):
+        return fn(h.movedim(1, -1)).movedim(-1, 1)
+    return h.pointwise(fn)
+
+
+def elementwise(h, fn: Callable[[torch.Tensor], torch.Tensor]):
+    """Apply an elementwise ``fn`` (activation); masked sites are re-zeroed in masked-dense."""
+    if isinstance(h, torch.Tensor):
+        return fn(h)
+    if isinstance(h, DenseMasked):
+        return h._remask(fn(h.x), h.stride)
+    return h.rows(fn)
+
+
+def add(a, b):
+    """Residual sum of two maps of the same stride."""
+    if isinstance(a, torch.Tensor):
+        return a + b
+    return a.add(b)
+
+
+def to_dense(h) -> torch.Tensor:
+    """A dense ``(B, C, *spatial)`` tensor (zeros at hidden sites for masked maps)."""
+    return h if isinstance(h, torch.Tensor) else h.dense()

@@ -1,0 +1,147 @@
+"""The two stages every pipeline is made of: pretrain an encoder, fine-tune it on labels.
+
+Each stage runs in its own run directory (metrics.jsonl, checkpoints/last.pt + best.pt, done.json)
+through the one training loop, so a killed pipeline resumes stage by stage, epoch by epoch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from medmim.config import Config
+from medmim.data.dataset import DataBundle, augment_transforms, make_loader, materialize
+from medmim.data.splits import label_fraction
+from medmim.errors import MedmimError
+from medmim.models import build_pretext, encoder_from_config
+from medmim.models.export import export_encoder, load_encoder_weights, WEIGHTS_NAME
+from medmim.models.heads import Classifier
+from medmim.train.checkpoint import safe_torch_load
+from medmim.train.distributed import current
+from medmim.train.loop import Runtime, fit
+from medmim.train.rundir import RunDir, seed_everything
+from medmim.train.tasks import ClassificationTask, PretrainTask, class_counts
+
+
+def build_encoder_for(cfg: Config) -> torch.nn.Module:
+    return encoder_from_config(cfg.encoder, cfg.data.spatial_dims, cfg.data.image_size)
+
+
+def pretrain_stage(cfg: Config, data: DataBundle, run: RunDir, runtime: Runtime, *, resume: bool = True,
+                   log: Callable[[str], None] = print) -> Path:
+    """Pretrain ``cfg.pretrain.method`` on the unlabelled images; export the encoder; return its path."""
+    weights = run.path / WEIGHTS_NAME
+    if resume and weights.exists() and (run.path / "done.json").exists():
+        log(f"[pretrain] {cfg.pretrain.method}: already done, reusing {weights}")
+        return weights
+    seed_everything(cfg.run.seed, cfg.run.num_threads)
+    pc = cfg.pretrain
+    records = data.pretrain_records(include_test=cfg.data.pretrain_on_test)
+    items = [dict(it, label=None) for it in materialize(records, cfg.data, data.preset, skipped=data.skipped)]
+    for it in items:
+        it.pop("label", None)
+    info = current()
+    loader = make_loader(items, pc.batch_size, shuffle=True, seed=cfg.run.seed,
+                         augment=augment_transforms(cfg.data, False) if pc.method == "simclr" else None,
+                         drop_last=True, rank=info.rank, world_size=info.world_size)
+    encoder = build_encoder_for(cfg)
+    pretext = build_pretext(pc, encoder)
+    task = PretrainTask(pretext)
+    preview = torch.stack([items[i]["image"] for i in range(min(8, len(items)))])
+
+    def save_grid(epoch: int, model) -> None:
+        last = epoch + 1 == pc.epochs
+        if not run.writer or not (last or (pc.recon_every and (epoch + 1) % pc.recon_every == 0)):
+            return
+        save_recon_preview(model, preview, run.path / "recon" / f"epoch{epoch + 1:03d}.png", runtime)
+
+    fit(task, loader, pc, run, runtime, stage=f"pretrain:{pc.method}", resume=resume, on_epoch_end=save_grid,
+        monitor=None, log=log)
+    if run.writer:
+        export_encoder(encoder, run.path, {
+            "architecture": cfg.encoder.name, "encoder_config": cfg.encoder.model_dump(),
+            "pretext": pc.method, "image_size": cfg.data.image_size, "data_fingerprint": data.fingerprint,
+            "data_source": data.source, "epochs": pc.epochs, "seed": cfg.run.seed})
+    return weights
+
+
+@torch.no_grad()
+def save_recon_preview(model, images: torch.Tensor, path: Path, runtime: Runtime) -> None:
+    """PNG grid of input / masked input / reconstruction for masked-modelling pretexts."""
+    try:
+        from medmim.eval.recon_grid import save_recon_grid
+    except ImportError:
+        return
+    if not hasattr(model, "encoder") or getattr(model, "pretext_kind", "masked") != "masked":
+        return
+    was_training = model.training
+    model.eval()
+    out = model(images.to(runtime.device), generator=torch.Generator().manual_seed(0)) \
+        if "generator" in model.forward.__code__.co_varnames else model(images.to(runtime.device))
+    model.train(was_training)
+    if "recon" not in out or "mask" not in out:
+        return
+    save_recon_grid(path, images.cpu(), out["recon"].float().cpu(), out["mask"].cpu(),
+                    patch_size=model.encoder.downsample_ratio, spatial_dims=images.ndim - 2)
+
+
+def finetune_stage(cfg: Config, data: DataBundle, run: RunDir, runtime: Runtime, *,
+                   init: str | Path | None, resume: bool = True, seed: int | None = None,
+                   log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Fine-tune a classifier on a label fraction of the train split; evaluate the best-val model on test.
+
+    ``init``: None = from scratch, or a weights file (medmim safetensors export, MONAI-format).
+    """
+    fc = cfg.finetune
+    seed = cfg.run.seed if seed is None else seed
+    done = run.path / "result.json"
+    if resume and done.exists():
+        import json
+        return json.loads(done.read_text())
+    seed_everything(seed, cfg.run.num_threads)
+    train_records = label_fraction(data.split("train"), fc.label_fraction, seed=seed)
+    train_items = materialize(train_records, cfg.data, data.preset, skipped=data.skipped)
+    val_items = materialize(data.split("val"), cfg.data, data.preset, skipped=data.skipped)
+    test_items = materialize(data.split("test"), cfg.data, data.preset, skipped=data.skipped)
+    if not val_items:
+        raise MedmimError("fine-tuning needs a validation split (data.val_fraction > 0 or a 'val' split)")
+    info = current()
+    bs = min(fc.batch_size, len(train_items))
+    train_loader = make_loader(train_items, bs, shuffle=True, seed=seed, augment=augment_transforms(cfg.data, False),
+                               drop_last=len(train_items) > bs, rank=info.rank, world_size=info.world_size)
+    eval_loader = lambda items: make_loader(items, 256, shuffle=False, seed=seed, rank=info.rank,  # noqa: E731
+                                            world_size=info.world_size)
+    encoder = build_encoder_for(cfg)
+    report = None
+    if init is not None:
+        report = load_encoder_weights(encoder, init, verbose=False)
+        log(f"[finetune] init from {Path(init).name}: {report.summary().splitlines()[0]}")
+        if not report.matched:
+            raise MedmimError(f"{init}: no weights matched the encoder ({cfg.encoder.name})")
+    num_out = cfg.data.num_classes
+    model = Classifier(encoder, num_out, mode=fc.mode)
+    groups_fn = None
+    try:
+        from medmim.models.heads import layer_decay_groups  # full fine-tuning with layer-wise lr decay
+        if fc.mode == "full" and fc.layer_decay < 1:
+            groups_fn = lambda m, wd: layer_decay_groups(m, wd, fc.layer_decay)  # noqa: E731
+    except ImportError:
+        pass
+    task = ClassificationTask(model, num_out, loss=fc.loss, multilabel=fc.multilabel,
+                              class_counts=class_counts(train_items, num_out), param_groups_fn=groups_fn)
+    fit(task, train_loader, fc, run, runtime, val_loader=eval_loader(val_items), monitor="val_auroc",
+        monitor_mode="max", resume=resume, stage="finetune", log=log)
+    best = safe_torch_load(run.checkpoints / "best.pt")
+    model.load_state_dict(best["model"])
+    test = task.evaluate(model, eval_loader(test_items), runtime) if test_items else {}
+    result = {"n_labelled": len(train_items), "label_fraction": fc.label_fraction, "seed": seed,
+              "mode": fc.mode, "best_epoch": int(best["epoch"]), "val_auroc": best.get("best"),
+              **{f"test_{k}": v for k, v in test.items()},
+              "weights_report": None if report is None else
+              {"matched": len(report.matched), "missing": len(report.missing),
+               "unexpected": len(report.unexpected), "mismatched": len(report.mismatched)}}
+    run.write_json("result.json", result)
+    return result
+
