@@ -126,6 +126,33 @@ class StudyConfig(Section):
         return sorted(set(v))
 
 
+class AnomalyConfig(Section):
+    """Reconstruction-based anomaly detection (medmim/anomaly, ``medmim anomaly train|score``).
+
+    The model is trained with ``pretrain.*`` (method, mask ratio, decoder, epochs, lr) on the images
+    of the train split whose label is ``normal_label``.
+    """
+
+    normal_label: int = 0  # the class trained on; every other label counts as anomalous
+    lesion_label: Optional[int] = None  # value of the lesion in pixel masks (None: 3 for 2D, 5 for 3D phantoms)
+    num_masks: int = Field(4, ge=1)  # K masks per image at scoring time; their union covers every patch
+    mask_ratio: Optional[float] = Field(None, gt=0, lt=1)  # scoring mask ratio (None: pretrain.mask_ratio)
+    error: Literal["l2", "l1", "ssim"] = "ssim"  # per-pixel error: squared, absolute, or 1 - SSIM
+    ssim_sigma: float = Field(1.5, gt=0)  # Gaussian window of SSIM (pixels)
+    ssim_data_range: float = Field(1.0, gt=0)
+    smooth_sigma: float = Field(1.0, ge=0)  # Gaussian smoothing of the error map (pixels; 0 = off)
+    image_score: Literal["mean", "max", "topk"] = "mean"  # error map -> one score per image
+    topk_fraction: float = Field(0.05, gt=0, le=1)  # share of the pixels averaged by "topk"
+    target_specificity: float = Field(0.95, gt=0, lt=1)  # threshold: this share of normal val images below
+    memory: bool = False  # MemMC-MAE-style memory of normal patterns between encoder and decoder
+    memory_slots: int = Field(128, ge=2)
+    memory_shrink: Optional[float] = Field(None, ge=0)  # hard-shrinkage threshold (None: 1 / slots)
+    memory_temperature: float = Field(1.0, gt=0)  # softmax temperature of the slot attention
+    memory_entropy_weight: float = Field(2e-4, ge=0)  # weight of the addressing-entropy (sparsity) loss
+    batch_size: int = Field(64, ge=1)  # images per scoring batch (times num_masks model inputs)
+    max_heatmaps: int = Field(24, ge=0)  # heatmap files written per scored split (0: none)
+
+
 class Config(Section):
     run: RunConfig = RunConfig()
     data: DataConfig = DataConfig()
@@ -133,6 +160,7 @@ class Config(Section):
     pretrain: PretrainConfig = PretrainConfig()
     finetune: FinetuneConfig = FinetuneConfig()
     study: StudyConfig = StudyConfig()
+    anomaly: AnomalyConfig = AnomalyConfig()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -32,18 +32,21 @@ class NoiseFilteredMask(MaskGenerator):
     Args:
         ratio: fraction of hidden cells.
         kind: ``"low"``, ``"high"`` or ``"band"`` pass.
-        cutoff: Gaussian width (cycles/cell) of the low- and high-pass filters.
+        cutoff: Gaussian width (cycles/cell) of the low- and high-pass filters; ``None`` = 0.15
+            for low-pass (blobs a few cells wide) and 0.4 for high-pass (close to Nyquist, so
+            neighbouring cells tend to differ: fewer adjacent hidden pairs than random).
         band_centre, band_width: centre and width (cycles/cell) of the band-pass ring.
     """
 
     name = "noise"
 
-    def __init__(self, ratio: float = 0.75, kind: str = "low", cutoff: float = 0.15,
+    def __init__(self, ratio: float = 0.75, kind: str = "low", cutoff: float | None = None,
                  band_centre: float = 0.25, band_width: float = 0.08):
         super().__init__(ratio)
         if kind not in KINDS:
             raise ValueError(f"noise kind must be one of {KINDS}, got {kind!r}")
-        self.kind, self.cutoff = kind, float(cutoff)
+        self.kind = kind
+        self.cutoff = float(cutoff) if cutoff is not None else (0.4 if kind == "high" else 0.15)
         self.band_centre, self.band_width = float(band_centre), float(band_width)
 
     def transfer(self, grid: tuple[int, ...], device=None) -> torch.Tensor:

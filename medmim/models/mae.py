@@ -150,22 +150,35 @@ class MAE(nn.Module):
         return self.decoder_pred(self.decoder_norm(full))
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
-                generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+                generator: torch.Generator | None = None,
+                target: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Mask (unless ``mask`` is given), encode the visible patches, decode, score.
+
+        ``target`` (default ``x``) is the image whose hidden patches are regressed, e.g. a clean
+        image when ``x`` is a corrupted one. ``generator`` seeds the mask.
+        """
         grid = self.encoder.grid_of(x)
         b = x.shape[0]
-        tokens = self.encoder.embed(x)
-        difficulty = self.predictor(tokens.detach()) if self.predictor is not None else None
-        if mask is None:
-            if difficulty is not None:
+        difficulty = None
+        if self.predictor is not None:
+            # loss-guided: every patch is embedded once, scored, then the visible ones gathered
+            tokens = self.encoder.embed(x)
+            difficulty = self.predictor(tokens.detach())
+            if mask is None:
                 mask = self.mask_generator(b, grid, scores=difficulty.detach(), generator=generator,
                                            device=x.device)
-            else:
+            ids_keep, _ = visible_indices(mask)
+            visible = _gather(tokens, ids_keep)
+        else:
+            # plain MAE: only the visible patches are ever embedded
+            if mask is None:
                 mask = self.mask_generator(b, grid, generator=generator, device=x.device)
-        ids_keep, _ = visible_indices(mask)
-        latent = self.encoder.forward_tokens(_gather(tokens, ids_keep))
+            ids_keep, _ = visible_indices(mask)
+            visible = self.encoder.embed_visible(x, ids_keep)
+        latent = self.encoder.forward_tokens(visible)
         pred = self.decode(latent, ids_keep, grid)
 
-        target = patchify(x, self.patch_size)
+        target = patchify(x if target is None else target, self.patch_size)
         if self.norm_pix_loss:
             target_n, mean, std = _normalise_patches(target)
         else:
