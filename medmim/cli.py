@@ -73,6 +73,18 @@ def build_parser() -> argparse.ArgumentParser:
                        "grid. Finished cells are never redone: rerun the same command to resume.")
     _add_config_args(p)
 
+    p = sub.add_parser("predict", help="run a fine-tuned model on image files or folders (CSV of probabilities "
+                       "or segmentation masks)",
+                       description="Classification writes OUT/predictions.csv (class probabilities); segmentation "
+                       "writes one mask per image (NIfTI with the input's affine, or PNG for PNG input). A file that "
+                       "cannot be used gets one error line (and a row in OUT/errors.csv); the others go on.")
+    p.add_argument("run_dir", help="the fine-tuning run directory (runs/<name>, runs/<name>/finetune, a study cell)")
+    p.add_argument("inputs", nargs="+", help="image files (NIfTI, MHA/NRRD, PNG/JPEG, DICOM, .npy) or folders")
+    p.add_argument("-o", "--out", default="predictions", help="output folder (default: predictions)")
+    p.add_argument("--native", action="store_true", help="segmentation: slide the training-size window over the "
+                   "native grid instead of resizing to the training image size")
+    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+
     p = sub.add_parser("phantoms", help="write the embedded phantom data set (PNG / NIfTI + manifest)")
     p.add_argument("--out", default="data/phantoms", help="output folder (default: data/phantoms)")
     p.add_argument("--dims", type=int, choices=[2, 3], default=2, help="2D chest X-ray-like or 3D CT-like")
@@ -81,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("config", help="print the resolved config (defaults + file + overrides)")
     _add_config_args(p)
+
+    from medmim.anomaly.cli import add_parser as add_anomaly_parser
+    add_anomaly_parser(sub)
+    __import__("medmim.data.cli", fromlist=["add_parser"]).add_parser(sub)  # `medmim data ...`
     return parser
 
 
@@ -90,14 +106,57 @@ def _cfg(args):
     return load_config(args.config, args.overrides)
 
 
+def _init_distributed(cfg) -> None:
+    """Under torchrun, join the process group first thing (nccl on CUDA, gloo on CPU); ranks other
+    than 0 keep stderr (errors) but print nothing to stdout. Without torchrun: nothing happens."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    import torch
+
+    from medmim.train.distributed import init_from_env
+
+    cuda = cfg.run.device == "cuda" or (cfg.run.device == "auto" and torch.cuda.is_available())
+    info = init_from_env("cuda" if cuda else "cpu")
+    if not info.is_main:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
+
+
+def _prepare_data_rank0_first(cfg):
+    """Rank 0 reads (and, for phantoms, writes) the data first; the others then read what it wrote."""
+    from medmim.data.dataset import prepare_data
+    from medmim.train.distributed import barrier, current
+
+    main_rank = current().is_main
+    if not main_rank:
+        barrier()
+    data = prepare_data(cfg)
+    if main_rank:
+        barrier()
+    return data
+
+
 def cmd_demo(args) -> int:
     from pipelines.label_efficiency import format_table, run_study, summarize_rows
+    from medmim.eval.report import comparison
+    from medmim.train.distributed import current
 
     cfg = _cfg(args)
+    _init_distributed(cfg)
+    if current().enabled:
+        _prepare_data_rank0_first(cfg)  # e.g. phantoms written once, before every rank reads them
     rows = run_study(cfg)
-    table = format_table(summarize_rows(rows, cfg.study.metric), cfg.study.metric)
-    print("\n" + table)
-    print(f"\nresults: {Path(cfg.run.out_dir) / cfg.run.name}")
+    metric = cfg.study.metric
+    summary = summarize_rows(rows, metric)
+    print("\n" + format_table(summary, metric))
+    for c in comparison(summary, metric):
+        print(f"  {c['mode']} f{c['fraction']:g}: best pretrained ({c['best_init']}) {c['best_pretrained']:.3f} vs "
+              f"{c['scratch_init']} {c['scratch']:.3f} ({c['delta']:+.3f} {metric})")
+    out = Path(cfg.run.out_dir) / cfg.run.name
+    print(f"\nresults: {out} (results.csv, summary.md, label_efficiency.png)")
+    if (out / "report" / "index.html").exists():
+        print(f"report:  {out / 'report' / 'index.html'}")
     return 0 if all(r.get("status") == "ok" for r in rows) else 1
 
 
@@ -106,14 +165,15 @@ def cmd_study(args) -> int:
 
 
 def _stage_setup(args):
-    from medmim.data.dataset import prepare_data, summarize
+    from medmim.data.dataset import summarize
     from medmim.train.loop import Runtime
     from medmim.train.rundir import RunDir, seed_everything
 
     cfg = _cfg(args)
+    _init_distributed(cfg)
     seed_everything(cfg.run.seed, cfg.run.num_threads)
     run = RunDir.create(Path(cfg.run.out_dir) / cfg.run.name)
-    data = prepare_data(cfg)
+    data = _prepare_data_rank0_first(cfg)
     run.save_config(cfg)
     run.save_environment(cfg.run.seed, data.fingerprint, {"data": summarize(data)})
     return cfg, run, data, Runtime.from_config(cfg.run)
@@ -145,7 +205,12 @@ def cmd_finetune(args) -> int:
         init_path = Path(init)
         if not init_path.exists():
             raise MedmimError(f"{init_path}: weights file not found")
-    result = finetune_stage(cfg, data, run.child("finetune"), runtime, init=init_path, resume=args.resume)
+    if cfg.finetune.head == "segment":
+        from medmim.train.segment import segment_stage
+
+        result = segment_stage(cfg, data, run.child("segment"), runtime, init=init_path, resume=args.resume)
+    else:
+        result = finetune_stage(cfg, data, run.child("finetune"), runtime, init=init_path, resume=args.resume)
     print(json.dumps({k: v for k, v in result.items() if not isinstance(v, dict)}, indent=2))
     return 0
 
@@ -170,6 +235,17 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_predict(args) -> int:
+    from medmim.predict import predict
+
+    result = predict(args.run_dir, args.inputs, args.out, native=args.native, device=args.device)
+    done = len(result.outputs)
+    where = result.table if result.table is not None else Path(args.out)
+    print(f"predicted {done} file(s) -> {where}" + (f"; {len(result.failures)} failed (see "
+          f"{Path(args.out) / 'errors.csv'})" if result.failures else ""))
+    return 0 if result.ok else 1
+
+
 def cmd_phantoms(args) -> int:
     from medmim.data.phantoms import PhantomSpec, generate
 
@@ -186,7 +262,10 @@ def cmd_config(args) -> int:
 
 
 COMMANDS = {"demo": cmd_demo, "pretrain": cmd_pretrain, "finetune": cmd_finetune, "evaluate": cmd_evaluate,
-            "study": cmd_study, "phantoms": cmd_phantoms, "config": cmd_config}
+            "study": cmd_study, "phantoms": cmd_phantoms, "config": cmd_config,
+            "predict": cmd_predict,
+            "anomaly": lambda args: args.handler(args),
+            "data": lambda args: args.handler(args)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -207,6 +286,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("medmim: interrupted", file=sys.stderr)
         return 130
+    finally:
+        from medmim.train.distributed import shutdown
+
+        shutdown()  # leave the torchrun process group, if one was joined
 
 
 if __name__ == "__main__":

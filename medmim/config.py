@@ -56,7 +56,15 @@ class DataConfig(Section):
     max_train_images: Optional[int] = Field(None, ge=1)  # cap for quick runs
     num_workers: int = Field(0, ge=0)
     cache: Literal["none", "memory", "disk"] = "memory"
+    cache_dir: str = "data/cache"  # cache=disk: one sub-folder per hash of the deterministic transforms
     strict: bool = False  # stop at the first unreadable file instead of skipping it
+    resize: Literal["pad", "stretch", "none"] = "pad"  # pad: keep the aspect ratio, pad to a square/cube
+    orientation: Optional[str] = "RAS"  # 3D volumes are reoriented to this (None: file order)
+    target_spacing: Optional[list[float]] = None  # 3D: resample to this voxel size in mm (before resize)
+    random_resized_crop: bool = False  # pretraining crop holding crop_scale of the image, resized back
+    crop_scale: list[float] = [0.5, 1.0]
+    patch_samples: int = Field(0, ge=0)  # pretraining: this many random image_size patches per image
+    split_file: Optional[str] = None  # patient -> split JSON: written on first use, reused afterwards
     phantoms: PhantomConfig = PhantomConfig()
 
     @model_validator(mode="after")
@@ -79,12 +87,17 @@ class EncoderConfig(Section):
 
 class OptimSettings(Section):
     epochs: int = Field(10, ge=1)
+    # global batch of one forward/backward: under DDP it is split over the ranks, so the same config
+    # gives the same batches (and results) on 1 or N processes; the optimizer sees batch_size * grad_accum
     batch_size: int = Field(64, ge=1)
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.05, ge=0)
     warmup_epochs: float = Field(1.0, ge=0)
     grad_accum: int = Field(1, ge=1)
     clip_grad: Optional[float] = Field(None, gt=0)
+    # also write checkpoints/last.pt every N optimizer steps inside an epoch (0: at epoch ends only);
+    # a resumed run skips the batches it had already consumed
+    checkpoint_every_steps: int = Field(0, ge=0)
 
 
 class PretrainConfig(OptimSettings):
@@ -108,14 +121,49 @@ class FinetuneConfig(OptimSettings):
     loss: Literal["ce", "weighted_ce", "focal"] = "ce"
     multilabel: bool = False
     freeze_epochs: int = Field(0, ge=0)  # full mode: train the head alone first
+    bootstrap: int = Field(1000, ge=0)  # bootstrap resamples for the test-set 95% CIs (0: none)
+    head: Literal["classify", "segment"] = "classify"  # segment: data.task=segmentation, masks needed
+    num_seg_classes: int = Field(2, ge=2)  # segmentation classes, background included
+    seg_decoder: Literal["auto", "unet", "unetr"] = "auto"  # auto: UNETR for a ViT, UNet for a CNN
+    seg_feature_size: int = Field(16, ge=4)  # decoder width
+    seg_patch_size: Optional[int] = Field(None, ge=8)  # train on random crops; sliding-window inference
+    sw_overlap: float = Field(0.25, ge=0, lt=1)  # sliding-window overlap
 
 
 class StudyConfig(Section):
     fractions: list[float] = [0.1, 1.0]
     seeds: list[int] = [0]
-    inits: list[str] = ["mae", "scratch"]  # pretext names, or "scratch"
+    # each entry: a pretext name ("mae", "spark", "simclr"), "scratch"/"none", or a weights file;
+    # optionally with its own encoder: "spark:resnet18", "mae:vit_tiny", "scratch:resnet18"
+    inits: list[str] = ["mae", "scratch"]
     modes: list[Literal["linear", "full"]] = ["full"]
     metric: str = "auroc"
+    # extra `key=value` overrides for one init's pretraining and cells, e.g. {"simclr": ["pretrain.lr=1e-3"]}
+    overrides: dict[str, list[str]] = {}
+    report: bool = True  # write report/index.html at the end
+    # fine-tune small fractions for at least this many optimizer steps (more epochs), so that a 1% cell
+    # is not judged after a handful of updates; 0 = finetune.epochs for every fraction
+    min_steps: int = Field(0, ge=0)
+
+    @field_validator("inits")
+    @classmethod
+    def _inits_well_formed(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("study.inits must name at least one initialisation")
+        for entry in v:
+            method, sep, enc = entry.partition(":")
+            if sep and not (method and enc) or (sep and "/" in enc):
+                raise ValueError(f"init '{entry}' should look like 'method' or 'method:encoder'")
+        if len(set(v)) != len(v):
+            raise ValueError(f"study.inits repeats an entry: {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _overrides_name_inits(self) -> "StudyConfig":
+        unknown = [k for k in self.overrides if k not in self.inits]
+        if unknown:
+            raise ValueError(f"study.overrides names {unknown}, which are not in study.inits {self.inits}")
+        return self
 
     @field_validator("fractions")
     @classmethod

@@ -1,22 +1,38 @@
 """Label-efficiency study: initialisations × label fractions × seeds × evaluation modes.
 
-Each pretraining method in ``study.inits`` is pretrained once; every cell (init, mode, fraction,
-seed) fine-tunes from it and records ``result.json`` in its own folder. A killed study resumes where
-it stopped and never redoes a finished cell; a failed cell is recorded and the others go on.
+Each initialisation in ``study.inits`` is pretrained once; every cell (init, mode, fraction, seed)
+fine-tunes from it and records ``result.json`` in its own folder. A killed study resumes where it
+stopped and never redoes a finished cell; a failed cell is recorded and the others go on (a rerun
+tries the failed cells again).
+
+``study.inits`` entries: a pretext name (``mae``, ``spark``, ``simclr``), ``scratch`` (or ``none``),
+or a weights file; any of them may carry its own encoder, ``method:encoder`` (``spark:resnet18``,
+``mae:vit_tiny``, ``scratch:resnet18``), since SparK needs a CNN and MAE a ViT. A plain name uses
+``cfg.encoder``. ``study.overrides[entry]`` adds ``key=value`` overrides for that init only (its
+pretraining and its cells), e.g. a different learning rate for SimCLR.
+
+Scratch cells fine-tune with ``finetune.layer_decay=1`` (layer-wise decay is for pretrained
+weights; it only slows a random network's lower layers) unless ``study.overrides`` says otherwise.
 
     runs/<name>/
-      config.yaml  environment.json
-      pretrain-<method>/   encoder.safetensors, encoder.json, recon/*.png, metrics.jsonl, checkpoints/
-      cells/<init>-<mode>-f<fraction>-s<seed>/   result.json, metrics.jsonl, checkpoints/
-      results.csv   (one row per cell)   summary.csv / summary.md   (mean ± std per init × mode × fraction)
+      config.yaml  environment.json  data_card.json
+      pretrain-<init>/   encoder.safetensors, encoder.json, recon/*.png, metrics.jsonl, checkpoints/
+      cells/<init>-<mode>-f<fraction>-s<seed>/   result.json (or error.txt), metrics.jsonl, checkpoints/
+      results.csv / results.json   one row per cell (rewritten after every cell)
+      summary.csv / summary.json / summary.md   mean ± std and 95% CI per init × mode × fraction
+      label_efficiency.png   metric vs number of labelled images (log x)
+      report/index.html      static HTML report (see medmim.eval.report)
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import math
+import sys
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,87 +40,295 @@ import numpy as np
 
 from medmim.config import Config, with_overrides
 from medmim.data.dataset import DataBundle, prepare_data, summarize
-from medmim.errors import MedmimError
-from medmim.io import atomic_path, write_text
+from medmim.errors import ConfigError, MedmimError
+from medmim.io import atomic_path, write_json, write_text
 from medmim.train.loop import Runtime
 from medmim.train.rundir import RunDir, seed_everything
 from medmim.train.stages import finetune_stage, pretrain_stage
 
+SCRATCH = ("scratch", "none")
 
-def cell_name(init: str, mode: str, fraction: float, seed: int) -> str:
-    safe_init = Path(init).stem if ("/" in init or init.endswith(".safetensors")) else init
-    return f"{safe_init}-{mode}-f{fraction:g}-s{seed}"
+
+@dataclass(frozen=True)
+class Init:
+    """One entry of ``study.inits``, parsed."""
+
+    entry: str  # as written in the config
+    method: str  # "mae" | "spark" | "simclr" | "scratch" | "weights"
+    encoder: str | None  # encoder name carried by the entry, else cfg.encoder
+    weights: Path | None  # a given weights file
+
+    @property
+    def key(self) -> str:
+        """Folder-safe name: the entry itself for plain names (``mae``), ``spark_resnet18``, a file's stem."""
+        if self.weights is not None:
+            return self.weights.stem
+        return self.entry if self.encoder is None else f"{self.entry.partition(':')[0]}_{self.encoder}"
+
+    @property
+    def pretrains(self) -> bool:
+        return self.method not in ("scratch", "weights")
+
+
+def parse_init(entry: str) -> Init:
+    p = Path(entry)
+    if p.suffix in (".safetensors", ".pt", ".pth") or "/" in entry or p.is_file():
+        return Init(entry, "weights", None, p)
+    method, _, enc = entry.partition(":")
+    method = "scratch" if method in SCRATCH else method
+    if method not in ("mae", "spark", "simclr", "scratch"):
+        raise ConfigError(f"study.inits: unknown initialisation '{entry}' (use mae, spark, simclr, scratch, "
+                          "a weights file, optionally with ':encoder', e.g. spark:resnet18)")
+    return Init(entry, method, enc or None, None)
+
+
+def cell_name(init: str | Init, mode: str, fraction: float, seed: int) -> str:
+    key = (init if isinstance(init, Init) else parse_init(init)).key
+    return f"{key}-{mode}-f{fraction:g}-s{seed}"
+
+
+def init_config(cfg: Config, init: Init) -> Config:
+    """The config an init's pretraining and cells run with."""
+    extra = list(cfg.study.overrides.get(init.entry, []))
+    bad = [o for o in extra if o.split("=", 1)[0].strip().split(".")[0] in ("data", "run", "study")]
+    if bad:
+        raise ConfigError(f"study.overrides['{init.entry}']: {bad} — data, run and study settings are shared "
+                          "by every init of a study")
+    base = [f"encoder.name={init.encoder}"] if init.encoder else []
+    if init.method == "scratch" and not any(o.startswith("finetune.layer_decay") for o in extra):
+        base.append("finetune.layer_decay=1.0")
+    if init.pretrains:
+        base.append(f"pretrain.method={init.method}")
+    return with_overrides(cfg, base + extra) if base or extra else cfg
+
+
+# ---- progress ------------------------------------------------------------------------------------
+def _fmt_s(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else \
+        f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 def _eta(done: int, total: int, elapsed: float) -> str:
+    """Remaining time from the cells actually computed so far (resumed cells cost nothing)."""
     if done == 0:
         return "?"
-    remaining = elapsed / done * (total - done)
-    return f"{int(remaining // 60)}m{int(remaining % 60):02d}s"
+    return _fmt_s(elapsed / done * (total - done))
 
 
-def run_study(cfg: Config, *, resume: bool = True, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
-    """Run (or resume) the study described by ``cfg``; return the per-cell result rows."""
+class Progress:
+    """Cells done / total with an ETA: a rich progress bar on a terminal, log lines otherwise."""
+
+    def __init__(self, total: int, log: Callable[[str], None], fancy: bool):
+        self.total, self.done, self.computed, self.busy_s = total, 0, 0, 0.0
+        self._log, self._bar, self._task = log, None, None
+        if fancy:
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress as RichProgress, SpinnerColumn,
+                                       TextColumn, TimeElapsedColumn)
+
+            self._bar = RichProgress(SpinnerColumn(), TextColumn("[bold]study[/] {task.description}"), BarColumn(),
+                                     MofNCompleteColumn(), TextColumn("cells"), TimeElapsedColumn(),
+                                     TextColumn("ETA {task.fields[eta]}"), transient=False)
+            self._task = self._bar.add_task("", total=total, eta="?")
+
+    def log(self, msg: str) -> None:
+        if self._bar is not None:
+            self._bar.console.print(msg, markup=False, highlight=False)
+        else:
+            self._log(msg)
+
+    def status(self, text: str) -> None:
+        if self._bar is not None:
+            self._bar.update(self._task, description=text)
+
+    def advance(self, line: str, seconds: float, cached: bool) -> None:
+        self.done += 1
+        if not cached:
+            self.computed += 1
+            self.busy_s += seconds
+        remaining = self.total - self.done
+        eta = "0m00s" if remaining == 0 else ("?" if not self.computed else _fmt_s(self.busy_s / self.computed * remaining))
+        if self._bar is not None:
+            self._bar.update(self._task, advance=1, eta=eta)
+        self.log(f"[study] cell {self.done}/{self.total} {line}" + (" (done before)" if cached else "")
+                 + f" (ETA {eta})")
+
+    def __enter__(self) -> "Progress":
+        if self._bar is not None:
+            self._bar.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+
+def _fancy_default() -> bool:
+    try:
+        import rich  # noqa: F401
+    except ImportError:
+        return False
+    return sys.stdout.isatty()
+
+
+# ---- the study -----------------------------------------------------------------------------------
+def run_study(cfg: Config, *, resume: bool = True, log: Callable[[str], None] = print,
+              progress: bool | None = None) -> list[dict[str, Any]]:
+    """Run (or resume) the study described by ``cfg``; return the per-cell result rows.
+
+    ``progress``: a rich progress bar (default: when stdout is a terminal).
+    """
+    inits = [parse_init(e) for e in cfg.study.inits]
+    keys = [i.key for i in inits]
+    if len(set(keys)) != len(keys):
+        raise ConfigError(f"study.inits: two entries share the folder name ({keys})")
+    init_cfgs = {i.entry: init_config(cfg, i) for i in inits}  # fail on bad overrides before any work
     seed_everything(cfg.run.seed, cfg.run.num_threads)
     runtime = Runtime.from_config(cfg.run)
     root = RunDir.create(Path(cfg.run.out_dir) / cfg.run.name)
     data = prepare_data(cfg)
     root.save_config(cfg)
     root.save_environment(cfg.run.seed, data.fingerprint, {"data": summarize(data)})
-    log(f"[study] data: {data.source}; " + ", ".join(f"{k} {len(v)}" for k, v in data.records.items()))
-
-    init_weights: dict[str, Path | None] = {}
-    for init in cfg.study.inits:
-        init_weights[init] = _init_weights(cfg, data, root, runtime, init, resume, log)
-
-    cells = [(init, mode, frac, seed) for init in cfg.study.inits for mode in cfg.study.modes
-             for frac in cfg.study.fractions for seed in cfg.study.seeds]
-    rows: list[dict[str, Any]] = []
-    t0 = time.time()
-    for i, (init, mode, frac, seed) in enumerate(cells):
-        name = cell_name(init, mode, frac, seed)
-        cell_cfg = with_overrides(cfg, [f"finetune.label_fraction={frac}", f"finetune.mode={mode}"])
-        row = {"cell": name, "init": init, "mode": mode, "fraction": frac, "seed": seed}
-        weights = init_weights.get(init)
-        try:
-            if init != "scratch" and weights is None:
-                raise MedmimError(f"pretraining for '{init}' failed; see the log above")
-            result = finetune_stage(cell_cfg, data, root.child(f"cells/{name}"), runtime, init=weights,
-                                    resume=resume, seed=seed, log=lambda m: None)
-            row.update(status="ok", **result)
-        except MedmimError as exc:
-            row.update(status="failed", error=str(exc).splitlines()[0])
-        except Exception as exc:  # noqa: BLE001 - one broken cell must not stop the grid
-            row.update(status="failed", error=f"{type(exc).__name__}: {exc}".splitlines()[0])
-            (root.path / "cells" / name).mkdir(parents=True, exist_ok=True)
-            write_text(root.path / "cells" / name / "error.txt", traceback.format_exc())
-        rows.append(row)
-        metric = row.get(f"test_{cfg.study.metric}")
-        shown = f"{metric:.3f}" if isinstance(metric, float) else row.get("error", "-")
-        log(f"[study] cell {i + 1}/{len(cells)} {name}: {cfg.study.metric} {shown} "
-            f"(ETA {_eta(i + 1, len(cells), time.time() - t0)})")
     if root.writer:
-        write_results(rows, root.path, cfg.study.metric)
+        write_json(root.path / "data_card.json", data_card(cfg, data))
+
+    cells = [(init, mode, frac, seed) for init in inits for mode in cfg.study.modes
+             for frac in cfg.study.fractions for seed in cfg.study.seeds]
+    metric = cfg.study.metric
+    rows: list[dict[str, Any]] = []
+    fancy = _fancy_default() if progress is None else progress
+    with Progress(len(cells), log, fancy) as prog:
+        prog.log(f"[study] data: {data.source}; " + ", ".join(f"{k} {len(v)}" for k, v in data.records.items())
+                 + f"; {len(inits)} init(s), {len(cells)} cells")
+        init_weights: dict[str, Path | None] = {}
+        for init in inits:
+            prog.status(f"pretraining {init.entry}")
+            init_weights[init.entry] = _init_weights(init_cfgs[init.entry], data, root, runtime, init, resume,
+                                                     prog.log)
+        for init, mode, frac, seed in cells:
+            name = cell_name(init, mode, frac, seed)
+            prog.status(name)
+            cell_dir = root.child(f"cells/{name}")
+            cached = resume and (cell_dir.path / "result.json").exists()
+            t0 = time.time()
+            row = run_cell(init_cfgs[init.entry], data, cell_dir, runtime, init, mode, frac, seed,
+                           init_weights.get(init.entry), resume)
+            rows.append(row)
+            if root.writer:
+                write_results(rows, root.path, metric)  # a partial study always has its table
+            value = row.get(f"test_{metric}")
+            shown = f"{metric} {value:.3f}" if isinstance(value, float) else f"FAILED: {row.get('error', '?')}"
+            prog.advance(f"{name}: {shown}", time.time() - t0, cached)
+
+    if root.writer:
+        summary = write_results(rows, root.path, metric)
+        _plot(summary, root.path, metric, log)
+        if data.skipped:
+            _write_csv(root.path / "skipped.csv", data.skipped)
+        if cfg.study.report:
+            try:
+                from medmim.eval.report import write_report
+
+                index = write_report(root.path)
+                log(f"[study] report: {index}")
+            except Exception as exc:  # noqa: BLE001 - the results are written; a report failure is logged
+                log(f"[study] report failed: {type(exc).__name__}: {exc}")
+    failed = [r for r in rows if r.get("status") != "ok"]
+    if failed:
+        log(f"[study] {len(failed)} of {len(rows)} cell(s) failed: " + ", ".join(r["cell"] for r in failed)
+            + " (see cells/<name>/error.txt; rerun the same command to retry them)")
     if data.skipped:
         log(f"[study] skipped {len(data.skipped)} unreadable file(s); see {root.path / 'skipped.csv'}")
-        _write_csv(root.path / "skipped.csv", data.skipped)
     return rows
 
 
-def _init_weights(cfg: Config, data: DataBundle, root: RunDir, runtime: Runtime, init: str, resume: bool,
-                  log) -> Path | None:
-    if init == "scratch":
-        return None
-    if Path(init).is_file():
-        return Path(init)
-    pre_cfg = with_overrides(cfg, [f"pretrain.method={init}"])
+def run_cell(cfg: Config, data: DataBundle, run: RunDir, runtime: Runtime, init: Init, mode: str, frac: float,
+             seed: int, weights: Path | None, resume: bool) -> dict[str, Any]:
+    """One cell; never raises: a failure becomes a row with ``status: failed`` and ``error.txt``."""
+    name = run.path.name
+    row: dict[str, Any] = {"cell": name, "init": init.key, "mode": mode, "fraction": frac, "seed": seed}
     try:
-        return pretrain_stage(pre_cfg, data, root.child(f"pretrain-{init}"), runtime, resume=resume, log=log)
-    except MedmimError as exc:
-        log(f"[study] pretraining '{init}' failed: {exc}")
+        if init.method == "weights" and weights is None:
+            raise MedmimError(f"{init.entry}: weights file not found")
+        if init.pretrains and weights is None:
+            raise MedmimError(f"pretraining for '{init.entry}' failed; see pretrain-{init.key}/error.txt")
+        cell_cfg = with_overrides(cfg, [f"finetune.label_fraction={frac}", f"finetune.mode={mode}",
+                                        f"finetune.epochs={cell_epochs(cfg, data, frac, seed)}"])
+        result = finetune_stage(cell_cfg, data, run, runtime, init=weights, resume=resume, seed=seed,
+                                log=lambda m: None)
+        row.update(status="ok", **{k: v for k, v in result.items() if k not in row})
+        if run.writer and (run.path / "error.txt").exists():
+            (run.path / "error.txt").unlink()
+    except Exception as exc:  # noqa: BLE001 - one broken cell must not stop the grid
+        msg = str(exc).splitlines()[0] if str(exc) else ""
+        row.update(status="failed", error=(msg if isinstance(exc, MedmimError) else f"{type(exc).__name__}: {msg}"))
+        if run.writer:
+            write_text(run.path / "error.txt", traceback.format_exc())
+    return row
+
+
+def cell_epochs(cfg: Config, data: DataBundle, frac: float, seed: int) -> int:
+    """``finetune.epochs``, raised so that the cell makes at least ``study.min_steps`` optimizer steps."""
+    fc, min_steps = cfg.finetune, cfg.study.min_steps
+    if not min_steps:
+        return fc.epochs
+    from medmim.data.splits import label_fraction
+
+    n = len(label_fraction(data.split("train"), frac, seed=seed))
+    bs = min(fc.batch_size, n)
+    steps = max(1, (n // bs) if n > bs else 1) / fc.grad_accum
+    return max(fc.epochs, math.ceil(min_steps / max(steps, 1e-9)))
+
+
+def _init_weights(cfg: Config, data: DataBundle, root: RunDir, runtime: Runtime, init: Init, resume: bool,
+                  log) -> Path | None:
+    if init.method == "scratch":
+        return None
+    if init.weights is not None:
+        if not init.weights.is_file():
+            log(f"[study] {init.entry}: weights file not found")
+            return None
+        return init.weights
+    run = root.child(f"pretrain-{init.key}")
+    try:
+        return pretrain_stage(cfg, data, run, runtime, resume=resume, log=log)
+    except Exception as exc:  # noqa: BLE001 - its cells are reported failed; other inits go on
+        log(f"[study] pretraining '{init.entry}' failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+        if run.writer:
+            write_text(run.path / "error.txt", traceback.format_exc())
         return None
 
 
+# ---- data card -------------------------------------------------------------------------------------
+def data_card(cfg: Config, data: DataBundle) -> dict[str, Any]:
+    """Counts per split and class (images, patients); never an identifier.
+
+    Uses medmim.data.card when it can; else counts straight from the DataBundle.
+    """
+    records = [r for split in data.records.values() for r in split]
+    try:
+        from medmim.data.card import build_card
+
+        card = build_card(records, name=cfg.run.name, source=data.source, modality=cfg.data.modality,
+                          skipped=data.skipped)
+        card["preset"] = data.preset
+        return card
+    except Exception:  # noqa: BLE001 - fall back to plain counts
+        pass
+    splits = {}
+    for split, recs in data.records.items():
+        classes: dict[str, int] = {}
+        for r in recs:
+            lab = r.get("label")
+            key = json.dumps(lab) if lab is not None else "unlabelled"
+            classes[key] = classes.get(key, 0) + 1
+        splits[split] = {"images": len(recs), "patients": len({str(r.get("patient_id")) for r in recs}),
+                         "classes": dict(sorted(classes.items()))}
+    return {"name": cfg.run.name, "source": data.source, "fingerprint": data.fingerprint, "preset": data.preset,
+            "n_images": len(records), "splits": splits, "skipped": len(data.skipped)}
+
+
+# ---- results ---------------------------------------------------------------------------------------
 def _write_csv(path: Path, rows: list[dict]) -> None:
     fields: list[str] = []
     for r in rows:
@@ -116,6 +340,10 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
             w.writerows(rows)
 
 
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def summarize_rows(rows: list[dict], metric: str) -> list[dict]:
     """Mean ± std (and a t-based 95% CI) of the test metric per init × mode × fraction."""
     groups: dict[tuple, list[dict]] = {}
@@ -123,8 +351,8 @@ def summarize_rows(rows: list[dict], metric: str) -> list[dict]:
         groups.setdefault((r["init"], r["mode"], r["fraction"]), []).append(r)
     out = []
     for (init, mode, frac), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2])):
-        vals = np.array([r[f"test_{metric}"] for r in rs if r.get("status") == "ok"
-                         and isinstance(r.get(f"test_{metric}"), float) and math.isfinite(r[f"test_{metric}"])])
+        vals = np.array([float(r[f"test_{metric}"]) for r in rs if r.get("status") == "ok"
+                         and _finite(r.get(f"test_{metric}"))])
         n = len(vals)
         mean = float(vals.mean()) if n else float("nan")
         std = float(vals.std(ddof=1)) if n > 1 else 0.0 if n else float("nan")
@@ -146,18 +374,51 @@ def _t95(n: int) -> float:
 
 
 def format_table(summary: list[dict], metric: str) -> str:
-    lines = [f"| init | mode | fraction | labelled | {metric} (mean ± std) | seeds |",
-             "|---|---|---|---|---|---|"]
+    lines = [f"| init | mode | fraction | labelled | {metric} (mean ± std) | 95% CI | seeds |",
+             "|---|---|---|---|---|---|---|"]
     for s in summary:
         m, sd = s[f"{metric}_mean"], s[f"{metric}_std"]
         val = "failed" if not math.isfinite(m) else f"{m:.3f} ± {sd:.3f}"
-        lines.append(f"| {s['init']} | {s['mode']} | {s['fraction']:g} | {s['n_labelled']} | {val} | {s['n_seeds']} |")
+        ci = f"{s['ci95_low']:.3f}–{s['ci95_high']:.3f}" if _finite(s["ci95_low"]) else "–"
+        seeds = f"{s['n_seeds']}" + (f" ({s['failed']} failed)" if s.get("failed") else "")
+        lines.append(f"| {s['init']} | {s['mode']} | {s['fraction']:g} | {s['n_labelled']} | {val} | {ci} | {seeds} |")
     return "\n".join(lines)
 
 
+def _json_safe(obj):
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
 def write_results(rows: list[dict], out_dir: Path, metric: str) -> list[dict]:
+    """results.csv/.json (one row per cell), summary.csv/.json/.md; returns the summary."""
     summary = summarize_rows(rows, metric)
     _write_csv(out_dir / "results.csv", rows)
     _write_csv(out_dir / "summary.csv", summary)
+    write_text(out_dir / "results.json", json.dumps(_json_safe(rows), indent=1, default=str) + "\n")
+    write_text(out_dir / "summary.json", json.dumps({"metric": metric, "groups": _json_safe(summary)}, indent=1,
+                                                    default=str) + "\n")
     write_text(out_dir / "summary.md", format_table(summary, metric) + "\n")
     return summary
+
+
+def _plot(summary: list[dict], out_dir: Path, metric: str, log) -> None:
+    try:
+        from medmim.eval.plots import plot_label_efficiency
+
+        plot_label_efficiency(summary, metric, out_dir / "label_efficiency.png")
+    except Exception as exc:  # noqa: BLE001 - a plotting failure never loses the results
+        log(f"[study] plot failed: {type(exc).__name__}: {exc}")
+
+
+def load_results(run_dir: str | Path) -> list[dict]:
+    """The per-cell rows a study wrote (results.json)."""
+    p = Path(run_dir) / "results.json"
+    if not p.exists():
+        raise MedmimError(f"{p}: no study results here")
+    return json.loads(p.read_text())

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from medmim.masking import LossGuidedMask, random_mask, visible_indices
 from medmim.models.export import export_encoder, load_encoder_weights
@@ -80,7 +81,8 @@ def test_embed_visible_matches_full_embedding(spatial_dims):
 
 
 def test_vit_sizes_layer_ids_drop_path_and_pos_embed():
-    assert (build_vit("small").embed_dim, len(build_vit("small").blocks)) == (384, 12)
+    small = build_vit("small")
+    assert (small.embed_dim, len(small.blocks), small.num_heads) == (384, 12, 6)
     assert build_vit("base", depth=1).embed_dim == 768
     with pytest.raises(ValueError):
         build_vit("huge")
@@ -208,6 +210,7 @@ def test_simmim_full_token(spatial_dims):
 
 
 def test_mae_loss_goes_down_on_pneumoniamnist():
+    """30 steps on real chest X-rays: the held-out loss drops and beats the best context-free guess."""
     if not PNEUMONIA.exists():
         pytest.skip(f"PneumoniaMNIST not found at {PNEUMONIA}")
     imgs = np.load(PNEUMONIA)["train_images"][:512]
@@ -215,10 +218,14 @@ def test_mae_loss_goes_down_on_pneumoniamnist():
     x_all = (x_all - x_all.mean()) / x_all.std()
     torch.manual_seed(0)
     enc = build_vit("tiny", spatial_dims=2, img_size=28, patch_size=4, embed_dim=64, depth=2, num_heads=4)
-    mae = MAE(enc, decoder_dim=32, decoder_depth=1, decoder_heads=2, mask_ratio=0.75)
+    # raw-pixel targets, so that "predict the global mean" is a meaningful baseline to beat
+    mae = MAE(enc, decoder_dim=32, decoder_depth=1, decoder_heads=2, mask_ratio=0.75,
+              norm_pix_loss=False)
     opt = torch.optim.AdamW(mae.parameters(), lr=2e-3)
     probe = x_all[:128]
     probe_mask = random_mask(128, (7, 7), 0.75, generator=torch.Generator().manual_seed(1))
+    target = patchify(probe, 4)
+    mean_guess = float(((target - target.mean()) ** 2).mean(-1)[probe_mask.reshape(128, -1)].mean())
 
     def probe_loss() -> float:
         mae.eval()
@@ -229,14 +236,15 @@ def test_mae_loss_goes_down_on_pneumoniamnist():
 
     before = probe_loss()
     g = torch.Generator().manual_seed(2)
-    for step in range(30):
-        batch = x_all[torch.randint(0, len(x_all), (64,), generator=g)]
+    for _ in range(30):
+        batch = x_all[torch.randint(0, len(x_all), (32,), generator=g)]
         loss = mae(batch, generator=g)["loss"]
         opt.zero_grad()
         loss.backward()
         opt.step()
     after = probe_loss()
-    assert after < 0.8 * before, (before, after)
+    assert after < 0.5 * before, (before, after)
+    assert after < 0.8 * mean_guess, (after, mean_guess)  # it uses the visible context
 
 
 # ---- export and display --------------------------------------------------------------------------
@@ -251,12 +259,11 @@ def test_export_import_round_trip(tmp_path, spatial_dims):
     report = load_encoder_weights(fresh, tmp_path / "encoder.safetensors", verbose=False)
     assert report.ok and report.matched
     assert torch.equal(fresh(x)[0], mae.encoder(x)[0])
-    # an MAE checkpoint's full state loads into a bare encoder through the "encoder." prefix
-    torch.save(mae.state_dict(), tmp_path / "mae.pt")
-    if (Path(__file__).resolve().parents[1] / "medmim/train/checkpoint.py").exists():
-        other = tiny_vit(spatial_dims)
-        rep = load_encoder_weights(other, tmp_path / "mae.pt", prefix="encoder.", verbose=False)
-        assert rep.ok and torch.equal(other(x)[0], mae.encoder(x)[0])
+    # the whole MAE state (decoder included) loads into a bare encoder through the "encoder." prefix
+    save_file({k: v.contiguous() for k, v in mae.state_dict().items()}, str(tmp_path / "mae.safetensors"))
+    other = tiny_vit(spatial_dims)
+    rep = load_encoder_weights(other, tmp_path / "mae.safetensors", prefix="encoder.", verbose=False)
+    assert rep.ok and torch.equal(other(x)[0], mae.encoder(x)[0])
 
 
 @pytest.mark.parametrize("spatial_dims", [2, 3])

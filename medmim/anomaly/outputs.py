@@ -1,9 +1,10 @@
 """What ``medmim anomaly score`` writes: a per-image CSV, PNG overlays (2D), NIfTI maps (3D).
 
-Geometry: images reach the network through MONAI's loader and a resize to ``data.image_size``. A 3D
-map goes back to the source volume's voxel grid (trilinear resize to the source shape, the same
-axis order, since the loader does not reorient) and is written with the source image's affine, so
-it overlays the source in any viewer. Sources without geometry (MedMNIST arrays) get an identity
+Geometry: images reach the network through the deterministic data chain (3D: reorientation to
+``data.orientation``, optional resampling to ``data.target_spacing``, resize/pad to
+``data.image_size``). A 3D map goes back through the inverse of each of those steps (MONAI's
+transform tracking) onto the source volume's voxel grid, and is written with the source's affine,
+so it overlays the source in any viewer. Sources without geometry (MedMNIST arrays) get an identity
 affine. 2D PNG sources are read by MONAI as (width, height); the overlays are transposed back so
 they look like the source picture.
 """
@@ -16,7 +17,6 @@ from typing import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from medmim.io import atomic_path
 
@@ -32,8 +32,10 @@ def write_scores_csv(path: str | Path, rows: Sequence[dict]) -> Path:
     return path
 
 
-def _display(arr: np.ndarray, transpose: bool) -> np.ndarray:
-    return arr.T if transpose else arr
+def to_picture(arr: np.ndarray, from_png: bool) -> np.ndarray:
+    """A 2D network-space array in the source picture's (row, column) order: MONAI reads PNG/JPEG
+    files as (width, height), so those are transposed back; in-memory arrays are already (H, W)."""
+    return arr.T if from_png else arr
 
 
 def save_overlay_png(path: str | Path, image: np.ndarray, amap: np.ndarray, *, lesion: np.ndarray | None = None,
@@ -44,14 +46,14 @@ def save_overlay_png(path: str | Path, image: np.ndarray, amap: np.ndarray, *, l
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    img, m = _display(np.asarray(image, np.float32), transpose), _display(np.asarray(amap, np.float32), transpose)
+    img, m = to_picture(np.asarray(image, np.float32), transpose), to_picture(np.asarray(amap, np.float32), transpose)
     fig, axes = plt.subplots(1, 2, figsize=(5.2, 2.8), dpi=100)
     axes[0].imshow(img, cmap="gray", vmin=0, vmax=1)
     axes[0].set_title("input", fontsize=8)
     axes[1].imshow(img, cmap="gray", vmin=0, vmax=1)
     hm = axes[1].imshow(m, cmap="jet", alpha=0.45, vmin=0, vmax=vmax if vmax is not None else float(m.max()) or 1.0)
     if lesion is not None and np.any(lesion):
-        axes[1].contour(_display(np.asarray(lesion, np.float32), transpose), levels=[0.5], colors="white",
+        axes[1].contour(to_picture(np.asarray(lesion, np.float32), transpose), levels=[0.5], colors="white",
                         linewidths=0.8)
     axes[1].set_title("anomaly map" + (" + lesion" if lesion is not None and np.any(lesion) else ""), fontsize=8)
     fig.colorbar(hm, ax=axes[1], fraction=0.046, pad=0.04)
@@ -67,32 +69,51 @@ def save_overlay_png(path: str | Path, image: np.ndarray, amap: np.ndarray, *, l
     return path
 
 
-def source_geometry(source) -> tuple[tuple[int, ...] | None, np.ndarray]:
-    """``(shape, affine)`` of a NIfTI source file, or ``(None, identity)`` for in-memory arrays."""
-    if isinstance(source, (str, Path)) and str(source).endswith((".nii", ".nii.gz")):
-        import nibabel as nib
+def _geometry_chain(dc, preset: str):
+    from monai import transforms as mt
 
-        img = nib.load(str(source))
-        return tuple(int(s) for s in img.shape[:3]), np.asarray(img.affine, dtype=np.float64)
-    return None, np.eye(4)
+    from medmim.data.dataset import LoadRecordd
+    from medmim.data.presets import preset_transforms
+
+    return mt.Compose([LoadRecordd(["image"], dc.spatial_dims),
+                       *preset_transforms(preset, ["image"], spatial_dims=dc.spatial_dims, image_size=dc.image_size,
+                                          resize=dc.resize, orientation=dc.orientation,
+                                          target_spacing=dc.target_spacing)])
 
 
-def map_to_source(amap: torch.Tensor | np.ndarray, shape: Sequence[int] | None) -> np.ndarray:
-    """A network-space map ``(*spatial)`` resized (trilinear / bilinear) to the source ``shape``."""
+def map_to_source(amap: torch.Tensor | np.ndarray, source: dict | None, dc, preset: str) -> tuple[np.ndarray, np.ndarray]:
+    """A network-space map ``(*spatial)`` -> ``(map on the source voxel grid, source affine)``.
+
+    ``source`` is the record's loader input (``{"image": path, ...}``). The source is read again
+    through the same deterministic chain (with MONAI's transform tracking), and the map is pushed
+    back through the inverse of every geometric step: size (resize, pad, crop), spacing and
+    orientation. Sources without geometry (``None``, or arrays) give the map as it is and an
+    identity affine.
+    """
+    from monai.data import MetaTensor
+
     t = torch.as_tensor(np.asarray(amap), dtype=torch.float32)
-    if shape is not None and tuple(t.shape) != tuple(shape):
-        mode = "trilinear" if t.ndim == 3 else "bilinear"
-        t = F.interpolate(t[None, None], size=tuple(shape), mode=mode, align_corners=False)[0, 0]
-    return t.numpy()
+    if source is None:
+        return t.numpy(), np.eye(4)
+    chain = _geometry_chain(dc, preset)
+    ref = chain(dict(source))["image"]
+    if not isinstance(ref, MetaTensor) or tuple(ref.shape[1:]) != tuple(t.shape):
+        raise ValueError(f"map shape {tuple(t.shape)} does not match the network-space source "
+                         f"{tuple(ref.shape[1:])}")
+    m = MetaTensor(t[None], affine=ref.affine.clone(), meta=dict(ref.meta))
+    m.applied_operations = list(ref.applied_operations)
+    back = chain.inverse({"image": m})["image"]
+    affine = back.affine if isinstance(back, MetaTensor) else torch.eye(4)
+    return np.asarray(back.as_tensor()[0] if isinstance(back, MetaTensor) else back[0], np.float32), \
+        np.asarray(affine, dtype=np.float64)
 
 
-def save_nifti_map(path: str | Path, amap: torch.Tensor | np.ndarray, source) -> Path:
+def save_nifti_map(path: str | Path, amap: torch.Tensor | np.ndarray, source: dict | None, dc, preset: str) -> Path:
     """Write a 3D map in the source volume's geometry (its voxel grid and affine) as NIfTI."""
     import nibabel as nib
 
-    shape, affine = source_geometry(source)
-    data = map_to_source(amap, shape).astype(np.float32)
-    img = nib.Nifti1Image(data, affine)
+    data, affine = map_to_source(amap, source, dc, preset)
+    img = nib.Nifti1Image(data.astype(np.float32), affine)
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
     img.header.set_xyzt_units("mm")

@@ -1,16 +1,21 @@
 """From a data config to torch DataLoaders, through MONAI dict transforms.
 
 records (dicts: image path or array, label, patient_id, split, optional mask)
-  -> deterministic transforms (read, channel first, intensity preset, resize)   cached once
-  -> random transforms (augmentation, train only)                               every epoch
+  -> deterministic transforms (read, channel first, checks, orientation/spacing, intensity preset,
+     size)                                                   cached: data.cache = memory | disk | none
+  -> random transforms (augmentation; pretraining crops)     every epoch
   -> batches {"image": (B, C, *spatial), "label": (B,) or (B, K), "mask": ...}
 
-A record that cannot be read is skipped and reported (file + reason), unless ``data.strict``.
+A record that cannot be used is skipped and reported (file + reason) in ``DataBundle.skipped``
+(written as skipped.csv by the pipelines), unless ``data.strict``. A run fails only when nothing
+usable is left.
 """
 
 from __future__ import annotations
 
+import csv
 import logging
+from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -18,16 +23,27 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 from monai import transforms as mt
-from monai.data import Dataset
-from torch.utils.data import DataLoader, DistributedSampler
+from monai.data import Dataset, PersistentDataset, list_data_collate
+from torch.utils.data import DataLoader
 
 from medmim.config import Config, DataConfig
 from medmim.data import manifest as mf
-from medmim.data.presets import DEFAULT_FOR_MODALITY, intensity_transform
-from medmim.data.splits import check_leakage, patient_split
+from medmim.data.cache import cache_dir_for, file_stamp
+from medmim.data.checks import channel_first, check_pair, validate
+from medmim.data.presets import DEFAULT_FOR_MODALITY, crop_transforms, intensity_transform, preset_transforms
+from medmim.data.readers import read_image
+from medmim.data.splits import (apply_split_file, check_leakage, load_split_file, patient_split,
+                                save_split_file)
 from medmim.errors import DataError
+from medmim.io import atomic_path
 
 log = logging.getLogger("medmim.data")
+
+__all__ = ["DataBundle", "prepare_data", "materialize", "make_loader", "set_loader_epoch", "augment_transforms",
+           "deterministic_transforms", "pretrain_transforms", "summarize", "intensity_transform"]
+
+# record keys that travel with an item through the deterministic transforms (dropped afterwards)
+_PASS_KEYS = ("series_id", "frame")
 
 
 @dataclass
@@ -49,6 +65,27 @@ class DataBundle:
         """Images for self-supervised pretraining: train+val, and test only when asked for."""
         out = self.split("train") + self.split("val")
         return out + self.split("test") if include_test else out
+
+    def write_skipped(self, path: str | Path) -> Path | None:
+        """skipped.csv (file, reason), deduplicated; nothing is written when nothing was skipped."""
+        return write_skipped(self.skipped, path)
+
+
+def write_skipped(skipped: list[dict], path: str | Path) -> Path | None:
+    if not skipped:
+        return None
+    seen, rows = set(), []
+    for s in skipped:
+        key = (s.get("file"), s.get("reason"))
+        if key not in seen:
+            seen.add(key)
+            rows.append({"file": s.get("file", ""), "reason": s.get("reason", "")})
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=["file", "reason"])
+            w.writeheader()
+            w.writerows(rows)
+    return Path(path)
 
 
 def _source_records(cfg: DataConfig) -> tuple[list[dict], str, str]:
@@ -72,11 +109,27 @@ def _source_records(cfg: DataConfig) -> tuple[list[dict], str, str]:
     return records, DEFAULT_FOR_MODALITY.get(modality, "xray"), f"manifest {Path(cfg.path).name}"
 
 
+def assign_splits(records: list[dict], dc: DataConfig, seed: int) -> None:
+    """Splits from the source, then the split file (if any), then new patient-level splits; the
+    split file is (re)written when it was missing or gained patients."""
+    mapping: dict[str, str] = {}
+    if dc.split_file and Path(dc.split_file).exists():
+        mapping = load_split_file(dc.split_file)
+        apply_split_file(records, mapping, where=str(dc.split_file))
+    patient_split(records, dc.val_fraction, dc.test_fraction, seed=seed)
+    if dc.split_file:
+        new = {str(r["patient_id"]) for r in records} - set(mapping)
+        if new or not Path(dc.split_file).exists():
+            save_split_file(records + [{"patient_id": p, "split": s} for p, s in mapping.items()],
+                            dc.split_file, seed=seed, val_fraction=dc.val_fraction,
+                            test_fraction=dc.test_fraction)
+
+
 def prepare_data(cfg: Config) -> DataBundle:
     """Read the source, split it by patient (where it has no split), check for leakage."""
     dc = cfg.data
     records, default_preset, source = _source_records(dc)
-    patient_split(records, dc.val_fraction, dc.test_fraction, seed=cfg.run.seed)
+    assign_splits(records, dc, cfg.run.seed)
     check_leakage(records)
     by_split: dict[str, list[dict]] = {"train": [], "val": [], "test": []}
     for r in records:
@@ -93,135 +146,227 @@ def prepare_data(cfg: Config) -> DataBundle:
 
 
 class LoadRecordd(mt.MapTransform):
-    """Read ``keys`` from a file path (MONAI LoadImage: NIfTI, DICOM, MHA/NRRD, PNG/JPEG) or take an
-    in-memory array, and put channels first (a grayscale image gets one channel)."""
+    """Read ``keys`` (file, DICOM folder, npz entry or in-memory array; see medmim.data.readers), put
+    channels first (grayscale -> one channel), and refuse bad input with one clear reason:
+    unreadable/truncated, not an image, wrong dimensionality, empty, NaN/Inf, image/mask mismatch."""
 
     def __init__(self, keys: Sequence[str], spatial_dims: int):
         super().__init__(keys, allow_missing_keys=True)
         self.spatial_dims = spatial_dims
-        self.loader = mt.LoadImage(image_only=True, ensure_channel_first=False)
 
     def __call__(self, data: dict) -> dict:
         d = dict(data)
+        extra = {k: d.pop(k, None) for k in (*_PASS_KEYS, "_stamp")}
+        frame = extra["frame"]
+        frame = None if frame in (None, "") else int(frame)
         for key in self.key_iterator(d):
             value = d[key]
-            if isinstance(value, (str, Path)):
-                arr = self.loader(str(value))
-            else:
-                arr = torch.as_tensor(np.asarray(value))
-            if arr.ndim == self.spatial_dims:
-                arr = arr.unsqueeze(0)
-            elif arr.ndim == self.spatial_dims + 1 and arr.shape[-1] in (3, 4) and self.spatial_dims == 2:
-                arr = arr[..., :1].movedim(-1, 0) if key == "mask" else arr[..., :3].float().mean(-1, keepdim=True).movedim(-1, 0)
-            if arr.ndim != self.spatial_dims + 1:
-                raise DataError(f"expected a {self.spatial_dims}D image, got shape {tuple(arr.shape)}")
-            arr = arr.float()
-            if not torch.isfinite(arr).all():
-                raise DataError("image holds NaN or Inf values")
-            d[key] = arr
+            where = str(value) if isinstance(value, (str, Path)) else f"<array {key}>"
+            arr = read_image(value, series_id=extra["series_id"] or None, frame=frame)
+            arr = channel_first(arr, self.spatial_dims, key, where)
+            validate(arr, key, where)
+            d[key] = arr.float()
+        if "mask" in d and "image" in d:
+            check_pair(d["image"], d["mask"], str(data.get("mask")))
         return d
 
 
 def deterministic_transforms(dc: DataConfig, preset: str, with_mask: bool) -> mt.Compose:
     keys = ["image", "mask"] if with_mask else ["image"]
-    size = (dc.image_size,) * dc.spatial_dims
-    modes = ["area" if dc.spatial_dims == 2 else "trilinear", "nearest"][: len(keys)]
     return mt.Compose([
         LoadRecordd(keys, dc.spatial_dims),
-        intensity_transform(preset, keys=["image"]),
-        mt.Resized(keys, spatial_size=size, mode=modes),
+        *preset_transforms(preset, keys, spatial_dims=dc.spatial_dims, image_size=dc.image_size,
+                           resize=dc.resize, orientation=dc.orientation, target_spacing=dc.target_spacing),
         mt.EnsureTyped(keys, data_type="tensor", track_meta=False),
     ])
 
 
-def augment_transforms(dc: DataConfig, with_mask: bool) -> mt.Compose:
-    """Light, medically plausible augmentation: small affine jitter and a random resized crop."""
+def augment_transforms(dc: DataConfig, with_mask: bool, stage: str = "finetune") -> mt.Compose:
+    """Light, medically plausible augmentation: small affine jitter, intensity scale; plus the
+    pretraining crops switched on in the config (``stage="pretrain"``)."""
     keys = ["image", "mask"] if with_mask else ["image"]
     size = (dc.image_size,) * dc.spatial_dims
     rot = (0.17,) if dc.spatial_dims == 2 else (0.17, 0.0, 0.0)
-    return mt.Compose([
+    chain = [
         mt.RandAffined(keys, prob=0.7, rotate_range=rot, scale_range=0.1,
                        translate_range=[0.06 * dc.image_size] * dc.spatial_dims, padding_mode="zeros",
                        mode=["bilinear", "nearest"][: len(keys)]),
         mt.RandScaleIntensityd(["image"], factors=0.1, prob=0.5),
-        mt.Resized(keys, spatial_size=size, mode=["area" if dc.spatial_dims == 2 else "trilinear", "nearest"][: len(keys)]),
-    ])
+    ]
+    if dc.patch_samples == 0 or stage != "pretrain":
+        chain.append(mt.Resized(keys, spatial_size=size,
+                                mode=["area" if dc.spatial_dims == 2 else "trilinear", "nearest"][: len(keys)]))
+    if stage == "pretrain":
+        chain = crop_transforms(keys, dc.spatial_dims, dc.image_size, random_resized_crop=dc.random_resized_crop,
+                                crop_scale=dc.crop_scale, patch_samples=dc.patch_samples) + chain
+    return mt.Compose(chain)
+
+
+def pretrain_transforms(dc: DataConfig, with_mask: bool = False) -> mt.Compose | None:
+    """The pretraining crops the config switches on (random resized crop with ``crop_scale``,
+    ``patch_samples`` random patches of ``image_size``), or None when both are off."""
+    keys = ["image", "mask"] if with_mask else ["image"]
+    chain = crop_transforms(keys, dc.spatial_dims, dc.image_size, random_resized_crop=dc.random_resized_crop,
+                            crop_scale=dc.crop_scale, patch_samples=dc.patch_samples)
+    return mt.Compose(chain) if chain else None
 
 
 def describe_failure(record: dict, exc: Exception) -> dict:
-    where = record.get("source") or record.get("image")
-    reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    return {"file": str(where), "reason": reason[:300]}
+    """{"file", "reason"}: a DataError message is '<file>: <reason>'; other errors name the record."""
+    where = str(record.get("source") or record.get("image"))
+    while exc.__cause__ is not None and "applying transform" in str(exc):  # MONAI wraps transform errors
+        exc = exc.__cause__
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    reason = text if isinstance(exc, DataError) else f"{type(exc).__name__}: {text}"
+    if isinstance(exc, DataError) and ": " in text:
+        file, reason = text.split(": ", 1)
+        if not file.startswith("<array"):
+            where = file
+    return {"file": where, "reason": reason[:300]}
+
+
+def _item_of(r: dict, with_mask: bool) -> dict | None:
+    item = {"image": r["image"]}
+    for k in _PASS_KEYS:
+        if r.get(k) not in (None, ""):
+            item[k] = r[k]
+    if with_mask:
+        if not r.get("mask"):
+            return None
+        item["mask"] = r["mask"]
+    return item
+
+
+def _finish(item: dict, r: dict) -> dict:
+    out = {k: v for k, v in item.items() if k in ("image", "mask")}
+    label = r.get("label")
+    if label is not None and label != "":
+        out["label"] = torch.as_tensor(label, dtype=torch.float32 if isinstance(label, list) else torch.long)
+    return out
+
+
+def _skip(r: dict, exc: Exception, dc: DataConfig, skipped: list[dict] | None) -> None:
+    info = describe_failure(r, exc)
+    if dc.strict:
+        raise DataError(f"{info['file']}: {info['reason']} (data.strict is true)") from None
+    log.warning("skipping %s: %s", info["file"], info["reason"])
+    if skipped is not None:
+        skipped.append(info)
+
+
+class LazyItems(SequenceABC):
+    """data.cache=none: the deterministic transforms run again on every access."""
+
+    def __init__(self, records: list[dict], det: mt.Compose, with_mask: bool):
+        self.records, self.det, self.with_mask = records, det, with_mask
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i):
+        r = self.records[i]
+        return _finish(self.det(_item_of(r, self.with_mask)), r)
 
 
 def materialize(records: list[dict], dc: DataConfig, preset: str, with_mask: bool = False,
-                skipped: list[dict] | None = None) -> list[dict]:
-    """Run the deterministic transforms once per record (the in-memory cache).
+                skipped: list[dict] | None = None) -> Sequence[dict]:
+    """Run the deterministic transforms per record, cached as ``dc.cache`` says:
+
+    * ``memory``: once per run, kept in memory;
+    * ``disk``: MONAI PersistentDataset under ``dc.cache_dir/<hash of the transform config>``, reused
+      across runs (a changed preset/geometry gets a new folder; a changed file a new entry);
+    * ``none``: checked once (so bad files are skipped up front), then re-read on every access.
 
     Only the keys needed for training are kept (image, label, mask): patient identifiers and
     paths never enter batches.
     """
     det = deterministic_transforms(dc, preset, with_mask)
-    out = []
-    for r in records:
-        item = {"image": r["image"]}
-        if with_mask:
-            if not r.get("mask"):
+    pairs = [(r, it) for r in records if (it := _item_of(r, with_mask)) is not None]
+    out: list[dict] = []
+    good: list[dict] = []
+    if dc.cache == "disk" and pairs:
+        for _r, it in pairs:
+            it["_stamp"] = file_stamp(it["image"]) + "|" + file_stamp(it.get("mask"))
+        ds = PersistentDataset([it for _r, it in pairs], transform=det,
+                               cache_dir=cache_dir_for(dc, preset, with_mask))
+        for i, (r, _it) in enumerate(pairs):
+            try:
+                out.append(_finish(ds[i], r))
+            except Exception as exc:  # noqa: BLE001 - any reader failure is reported, then skipped
+                _skip(r, exc, dc, skipped)
+    else:
+        for r, it in pairs:
+            try:
+                res = _finish(det(it), r)
+            except Exception as exc:  # noqa: BLE001
+                _skip(r, exc, dc, skipped)
                 continue
-            item["mask"] = r["mask"]
-        try:
-            item = det(item)
-        except Exception as exc:  # noqa: BLE001 - any reader failure is reported, then skipped
-            if dc.strict:
-                raise DataError(f"{describe_failure(r, exc)['file']}: {describe_failure(r, exc)['reason']}") from None
-            info = describe_failure(r, exc)
-            log.warning("skipping %s: %s", info["file"], info["reason"])
-            if skipped is not None:
-                skipped.append(info)
-            continue
-        label = r.get("label")
-        if label is not None:
-            item["label"] = torch.as_tensor(label, dtype=torch.float32 if isinstance(label, list) else torch.long)
-        out.append(item)
-    if records and not out:
+            if dc.cache == "none":
+                good.append(r)
+            else:
+                out.append(res)
+    if dc.cache == "none" and pairs:
+        out = LazyItems(good, det, with_mask)  # type: ignore[assignment]
+    if pairs and not len(out):
         raise DataError("no usable images left after skipping unreadable files"
                         + (f" (first: {skipped[0]['file']}: {skipped[0]['reason']})" if skipped else ""))
     return out
 
 
 class AugmentedDataset(Dataset):
-    """Cached items + random transforms, reseeded per epoch so that a resumed run sees the same data."""
+    """Cached items + random transforms. Each item's augmentation is seeded by (seed, epoch, index),
+    so it does not depend on which rank or worker reads it, in what order, or whether a resumed run
+    skipped the batches before it."""
 
-    def __init__(self, items: list[dict], transform: mt.Compose | None, seed: int):
+    def __init__(self, items: Sequence[dict], transform: mt.Compose | None, seed: int):
         super().__init__(items, transform=None)
         self.random = transform
         self.seed = seed
+        self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
-        if self.random is not None:
-            self.random.set_random_state(seed=(self.seed * 1000003 + epoch) % (2**32))
+        self.epoch = epoch
 
     def __getitem__(self, index):
         item = dict(self.data[index])
-        return self.random(item) if self.random is not None else item
+        if self.random is None:
+            return item
+        state = np.random.SeedSequence([self.seed % (2**32), self.epoch, int(index)]).generate_state(1)[0]
+        self.random.set_random_state(seed=int(state))
+        return self.random(item)
 
 
-def make_loader(items: list[dict], batch_size: int, *, shuffle: bool, seed: int,
+def make_loader(items: Sequence[dict], batch_size: int, *, shuffle: bool, seed: int,
                 augment: mt.Compose | None = None, drop_last: bool = False, num_workers: int = 0,
-                rank: int = 0, world_size: int = 1) -> DataLoader:
-    """A loader whose order depends only on (seed, epoch); ``loader.sampler.set_epoch`` each epoch.
+                rank: int = 0, world_size: int = 1, for_eval: bool | None = None) -> DataLoader:
+    """A loader whose order depends only on (seed, epoch); ``set_loader_epoch`` before each epoch.
 
-    Under DDP, each rank reads its own shard of the same global order.
+    ``batch_size`` is global: under DDP each rank reads its slice of every global batch
+    (medmim.train.distributed.GlobalBatchSampler), so N ranks see the batches one process would.
+    Evaluation loaders (``for_eval``; default: neither shuffled nor dropping the last batch) give
+    each rank a contiguous unpadded shard instead, so gathered predictions are exact and in order.
+    Transforms that return several samples per item (patch sampling) are flattened into the batch
+    (MONAI list_data_collate).
     """
+    from medmim.train.distributed import GlobalBatchSampler, ShardBatchSampler
+
     ds = AugmentedDataset(items, augment, seed)
-    sampler = DistributedSampler(ds, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed)
-    return DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                      drop_last=drop_last and len(ds) >= batch_size * world_size)
+    if for_eval is None:
+        for_eval = not shuffle and not drop_last
+    if for_eval:
+        sampler = ShardBatchSampler(len(ds), max(1, batch_size // world_size), rank=rank, world_size=world_size)
+    else:
+        sampler = GlobalBatchSampler(len(ds), batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last,
+                                     rank=rank, world_size=world_size)
+    # its own generator: creating an iterator never draws from the global torch RNG (exact resume)
+    return DataLoader(ds, batch_sampler=sampler, num_workers=num_workers, collate_fn=list_data_collate,
+                      generator=torch.Generator().manual_seed(seed))
 
 
 def set_loader_epoch(loader: DataLoader, epoch: int) -> None:
-    if hasattr(loader.sampler, "set_epoch"):
-        loader.sampler.set_epoch(epoch)
+    for sampler in (getattr(loader, "batch_sampler", None), getattr(loader, "sampler", None)):
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
     if hasattr(loader.dataset, "set_epoch"):
         loader.dataset.set_epoch(epoch)
 

@@ -238,16 +238,8 @@ def _pixels(ds, frame: int | None, path: Path) -> np.ndarray:
     return arr
 
 
-def read_series(files: Iterable[str | Path], *, frame: int | None = None,
-                name: str | None = None) -> tuple[np.ndarray, np.ndarray | None, dict]:
-    """Read a series (or one file) into ``(array, affine, meta)``.
-
-    ``array``: ``(H, W)`` for a single 2D image (affine None), else ``(x, y, z)`` or ``(x, y, z, t)``
-    in canonical RAS order with ``affine`` (4×4, RAS mm). ``frame`` picks one time point of a 4D
-    series (then the result is 3D). ``meta`` has spacing, shape, n_timepoints, modality.
-    """
-    files = [Path(f) for f in files]
-    where = name or (str(files[0].parent) if len(files) > 1 else str(files[0]) if files else "?")
+def _layout(files: list[Path], where: str):
+    """Headers, slices grouped by position (each group sorted in time), time points, meta."""
     if not files:
         raise DataError(f"{where}: empty DICOM series")
     headers = {}
@@ -264,14 +256,8 @@ def read_series(files: Iterable[str | Path], *, frame: int | None = None,
     sizes = {(s.rows, s.cols) for s in slices}
     if len(sizes) > 1:
         raise DataError(f"{where}: series mixes image sizes {sorted(sizes)}")
-
-    def load(s: Slice) -> np.ndarray:
-        return _pixels(headers[s.path], s.frame, s.path)
-
     if len(slices) == 1:
-        arr = load(slices[0])
-        meta.update(spacing=list(slices[0].spacing), shape=list(arr.shape), n_timepoints=1)
-        return arr, None, meta
+        return headers, [[slices[0]]], 1, meta, None
     oris = [s.orientation for s in slices]
     if any(o is None for o in oris) or any(s.position is None for s in slices):
         raise DataError(f"{where}: series without ImagePositionPatient/ImageOrientationPatient: "
@@ -281,8 +267,7 @@ def read_series(files: Iterable[str | Path], *, frame: int | None = None,
         n_ori = len({tuple(np.round(o, 3)) for o in oris})
         raise DataError(f"{where}: series mixes {n_ori} slice orientations (localisers or several stacks in one "
                         "series); split it before use")
-    row_dir, col_dir = ori0[:3], ori0[3:]
-    normal = np.cross(row_dir, col_dir)
+    normal = np.cross(ori0[:3], ori0[3:])
     dist = np.array([float(np.dot(s.position, normal)) for s in slices])
     order = np.argsort(dist, kind="stable")
     groups: list[list[Slice]] = []
@@ -308,14 +293,50 @@ def read_series(files: Iterable[str | Path], *, frame: int | None = None,
                             f"(expected {med:.2f} mm)")
     for g in groups:
         g.sort(key=lambda s: s.order)
+    return headers, groups, n_t, meta, normal
+
+
+def series_layout(files: Iterable[str | Path], name: str | None = None) -> dict:
+    """Checks a series from its headers alone: ``{"n_slices", "n_timepoints", "modality", "is_2d"}``.
+
+    Raises the same DataError as ``read_series`` for mixed orientations or missing slices.
+    """
+    files = [Path(f) for f in files]
+    where = name or (str(files[0].parent) if files else "?")
+    _h, groups, n_t, meta, normal = _layout(files, where)
+    return {"n_slices": len(groups), "n_timepoints": n_t, "modality": meta["modality"], "is_2d": normal is None}
+
+
+def read_series(files: Iterable[str | Path], *, frame: int | None = None,
+                name: str | None = None) -> tuple[np.ndarray, np.ndarray | None, dict]:
+    """Read a series (or one file) into ``(array, affine, meta)``.
+
+    ``array``: ``(H, W)`` for a single 2D image (affine None), else ``(x, y, z)`` or ``(x, y, z, t)``
+    in canonical RAS order with ``affine`` (4×4, RAS mm). ``frame`` picks one time point of a 4D
+    series (then the result is 3D). ``meta`` has spacing, shape, n_timepoints, modality.
+    """
+    files = [Path(f) for f in files]
+    where = name or (str(files[0].parent) if len(files) > 1 else str(files[0]) if files else "?")
+    headers, groups, n_t, meta, normal = _layout(files, where)
+    first = headers[files[0]]
+
+    def load(s: Slice) -> np.ndarray:
+        return _pixels(headers[s.path], s.frame, s.path)
+
+    if normal is None:
+        arr = load(groups[0][0])
+        meta.update(spacing=list(groups[0][0].spacing), shape=list(arr.shape), n_timepoints=1)
+        return arr, None, meta
     if frame is not None and not 0 <= frame < n_t:
         raise DataError(f"{where}: time point {frame} requested, series has {n_t}")
     t_sel = [frame] if frame is not None else list(range(n_t))
     vol = np.stack([np.stack([load(g[t]).T for g in groups], axis=-1) for t in t_sel], axis=-1)
     if vol.shape[-1] == 1:
         vol = vol[..., 0]
-    row_sp, col_sp = slices[0].spacing
-    p0 = groups[0][0].position
+    s0 = groups[0][0]
+    row_sp, col_sp = s0.spacing
+    row_dir, col_dir = s0.orientation[:3], s0.orientation[3:]
+    p0 = s0.position
     if len(groups) > 1:
         step_vec = (groups[-1][0].position - p0) / (len(groups) - 1)
     else:

@@ -1,8 +1,10 @@
 """Manifests: one row per image or volume (CSV or JSON lines).
 
-Columns: ``image`` (required; path relative to the manifest's folder or absolute), ``label``,
-``patient_id``, ``study_id``, ``series_id``, ``split`` (train/val/test or empty), ``mask``,
-``modality``. Extra columns are kept.
+Columns: ``image`` (required; path relative to the manifest's folder or absolute; a folder = a
+DICOM series; ``file.npz#train_images/3`` = an npz entry), ``label``, ``patient_id``, ``study_id``,
+``series_id`` (SeriesInstanceUID when a folder holds several series), ``split`` (train/val/test or
+empty), ``mask``, ``modality``, ``frame`` (time point of a 4D series). Extra columns are kept.
+Builders for every source are in ``medmim.data.builders``.
 """
 
 from __future__ import annotations
@@ -13,10 +15,12 @@ import json
 from pathlib import Path
 from typing import Iterable
 
+import numpy as np
+
 from medmim.errors import DataError
 from medmim.io import atomic_path
 
-COLUMNS = ["image", "label", "patient_id", "study_id", "series_id", "split", "mask", "modality"]
+COLUMNS = ["image", "label", "patient_id", "study_id", "series_id", "split", "mask", "modality", "frame"]
 PATH_COLUMNS = ("image", "mask")
 
 
@@ -105,10 +109,15 @@ def records_fingerprint(records: list[dict]) -> str:
     for r in records:
         img = r["image"]
         if isinstance(img, (str, Path)):
-            p = Path(img)
-            h.update(p.name.encode())
-            h.update(str(p.stat().st_size if p.exists() else -1).encode())
+            text = str(img)
+            file, _, entry = text.partition("#")  # "data.npz#train_images/3": an npz entry
+            p = Path(file)
+            h.update((p.name + ("#" + entry if entry else "")).encode())
+            if p.is_dir():  # a DICOM series: which series / time point, and how many files
+                h.update(repr((r.get("series_id"), r.get("frame"), r.get("n_files"))).encode())
+            else:
+                h.update(str(p.stat().st_size if p.exists() else -1).encode())
         else:
-            h.update(memoryview(img.tobytes()))
+            h.update(memoryview(np.ascontiguousarray(img).tobytes()))
         h.update(repr((r.get("label"), r.get("split"))).encode())
     return h.hexdigest()[:16]

@@ -35,7 +35,7 @@ def _suffix(path: Path) -> str:
     return ".nii.gz" if name.endswith(".nii.gz") else path.suffix.lower()
 
 
-@functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=2)
 def _npz_arrays(path: str, mtime: float) -> dict[str, np.ndarray]:
     with np.load(path, allow_pickle=False) as npz:
         return {k: npz[k] for k in npz.files}
@@ -109,8 +109,9 @@ def _monai_read(kind: str, path: Path) -> MetaTensor:
     except Exception as exc:  # noqa: BLE001 - readers raise many types for broken files
         text = str(exc).strip().splitlines()
         msg = next((ln for ln in reversed(text) if ln.strip()), type(exc).__name__) if text else type(exc).__name__
-        if "cannot find a suitable reader" in str(exc).lower() or "no suitable reader" in str(exc).lower():
-            raise DataError(f"{path}: not an image file (no reader for '{_suffix(path) or path.name}')") from None
+        if kind == "any":  # no reader claimed the suffix, or the one that did could not parse it
+            raise DataError(f"{path}: not an image file (no reader for '{_suffix(path) or path.name}': "
+                           f"{type(exc).__name__})") from None
         raise DataError(f"{path}: unreadable or truncated image ({type(exc).__name__}: {msg[:150]})") from None
 
 

@@ -76,7 +76,8 @@ class BlockMask(MaskGenerator):
         blocks = torch.stack([self._one(grid, k, rng) for _ in range(batch_size)])
         # blocks first (score >= 2), then random cells (score in [0, 1)) fill any shortfall
         scores = blocks.float() * 2 + rand((batch_size, *grid), generator, None)
-        return mask_from_scores(scores, k).to(device) if device is not None else mask_from_scores(scores, k)
+        mask = mask_from_scores(scores, k)
+        return mask.to(device) if device is not None else mask
 
     def __repr__(self):
         return f"BlockMask(ratio={self.ratio}, min_block={self.min_block}, max_block={self.max_block})"

@@ -101,6 +101,34 @@ class MaxPool(nn.Module):
         return ms.max_pool(h, self.kernel_size, self.stride, self.padding)
 
 
+class DropPath(nn.Module):
+    """Stochastic depth: in training, zero a residual branch for a random subset of samples."""
+
+    def __init__(self, rate=0.0):
+        super().__init__()
+        self.rate = rate
+
+    def forward(self, h):
+        if not self.training or self.rate == 0:
+            return h
+        keep = torch.rand(ms.batch_size(h)) >= self.rate
+        return ms.scale_samples(h, keep.float() / (1 - self.rate))
+
+    def extra_repr(self):
+        return f"rate={self.rate}"
+
+
+def _drop_rates(depths, drop_path):
+    """Linearly increasing stochastic-depth rates over all blocks, as in ConvNeXt / timm."""
+    total = sum(depths)
+    rates = [drop_path * i / max(1, total - 1) for i in range(total)]
+    out, i = [], 0
+    for n in depths:
+        out.append(rates[i:i + n])
+        i += n
+    return out
+
+
 class _MaskedEncoder(nn.Module):
     """Shared forward: wrap the input for the chosen backend, run the stages, return dense maps."""
 
@@ -142,8 +170,9 @@ class _MaskedEncoder(nn.Module):
 class BasicBlock(nn.Module):
     expansion = 1
 
-    def __init__(self, d, cin, planes, stride=1):
+    def __init__(self, d, cin, planes, stride=1, drop_path=0.0):
         super().__init__()
+        self.drop_path = DropPath(drop_path)
         self.conv1 = Conv(d, cin, planes, 3, stride)
         self.bn1 = BatchNorm(planes)
         self.conv2 = Conv(d, planes, planes, 3)
@@ -158,14 +187,15 @@ class BasicBlock(nn.Module):
         y = self.relu(self.bn1(self.conv1(h)))
         y = self.bn2(self.conv2(y))
         skip = h if self.downsample is None else self.downsample(h)
-        return self.relu(ms.add(y, skip))
+        return self.relu(ms.add(self.drop_path(y), skip))
 
 
 class Bottleneck(nn.Module):
     expansion = 4
 
-    def __init__(self, d, cin, planes, stride=1):
+    def __init__(self, d, cin, planes, stride=1, drop_path=0.0):
         super().__init__()
+        self.drop_path = DropPath(drop_path)
         out = planes * self.expansion
         self.conv1 = Conv(d, cin, planes, 1, padding=0)
         self.bn1 = BatchNorm(planes)
@@ -184,7 +214,7 @@ class Bottleneck(nn.Module):
         y = self.relu(self.bn2(self.conv2(y)))
         y = self.bn3(self.conv3(y))
         skip = h if self.downsample is None else self.downsample(h)
-        return self.relu(ms.add(y, skip))
+        return self.relu(ms.add(self.drop_path(y), skip))
 
 
 class ResNet(_MaskedEncoder):
@@ -193,11 +223,12 @@ class ResNet(_MaskedEncoder):
     ``base_channels`` (default 64) or ``width`` (multiplier) set the first stage's width; stage
     ``i`` has ``base * 2**i`` planes (x4 outputs for bottleneck blocks). Standard stem: 7^d conv
     stride 2 + 3^d max-pool stride 2 (ratio 32 with 4 stages). ``small_input``: 3^d conv stride 1,
-    no max-pool (ratio 8). ``num_stages`` in 1..4 keeps the first stages only.
+    no max-pool (ratio 8). ``num_stages`` in 1..4 keeps the first stages only. ``drop_path``:
+    stochastic depth rate of the last block (linear from 0).
     """
 
     def __init__(self, block, layers, spatial_dims=2, in_channels=1, base_channels=None,
-                 width=1.0, small_input=False, num_stages=4):
+                 width=1.0, small_input=False, num_stages=4, drop_path=0.0):
         super().__init__()
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
@@ -218,11 +249,12 @@ class ResNet(_MaskedEncoder):
         self.relu = Act("relu")
         cin = base
         stages, self.feature_channels = [], []
+        rates = _drop_rates(layers[:num_stages], drop_path)
         for i, n in enumerate(layers[:num_stages]):
             planes = base * 2 ** i
             blocks = []
             for j in range(n):
-                blocks.append(block(d, cin, planes, 2 if (i > 0 and j == 0) else 1))
+                blocks.append(block(d, cin, planes, 2 if (i > 0 and j == 0) else 1, rates[i][j]))
                 cin = planes * block.expansion
             stages.append(nn.Sequential(*blocks))
             self.feature_channels.append(cin)
@@ -248,8 +280,9 @@ class ResNet(_MaskedEncoder):
 class ConvNeXtBlock(nn.Module):
     """Depthwise k^d conv -> LayerNorm -> Linear(4C) -> GELU -> Linear(C) -> layer scale, + skip."""
 
-    def __init__(self, d, dim, kernel_size=7, layer_scale=1e-6):
+    def __init__(self, d, dim, kernel_size=7, layer_scale=1e-6, drop_path=0.0):
         super().__init__()
+        self.drop_path = DropPath(drop_path)
         self.dwconv = Conv(d, dim, dim, kernel_size, groups=dim, bias=True)
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.pwconv1 = nn.Linear(dim, 4 * dim)
@@ -261,7 +294,7 @@ class ConvNeXtBlock(nn.Module):
         return t if self.gamma is None else t * self.gamma
 
     def forward(self, h):
-        return ms.add(h, ms.pointwise(self.dwconv(h), self._mlp))
+        return ms.add(h, self.drop_path(ms.pointwise(self.dwconv(h), self._mlp)))
 
 
 class ConvNeXt(_MaskedEncoder):
@@ -274,7 +307,7 @@ class ConvNeXt(_MaskedEncoder):
 
     def __init__(self, depths=(3, 3, 9, 3), dims=(96, 192, 384, 768), spatial_dims=2,
                  in_channels=1, width=1.0, base_channels=None, kernel_size=7, small_input=False,
-                 num_stages=4, layer_scale=1e-6):
+                 num_stages=4, layer_scale=1e-6, drop_path=0.0):
         super().__init__()
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
@@ -295,9 +328,10 @@ class ConvNeXt(_MaskedEncoder):
         for i in range(1, num_stages):
             self.downsample_layers.append(nn.Sequential(
                 LayerNorm(dims[i - 1]), Conv(d, dims[i - 1], dims[i], 2, 2, padding=0, bias=True)))
+        rates = _drop_rates(depths[:num_stages], drop_path)
         self.stages_ = nn.ModuleList(
-            nn.Sequential(*[ConvNeXtBlock(d, dims[i], kernel_size, layer_scale)
-                            for _ in range(depths[i])]) for i in range(num_stages))
+            nn.Sequential(*[ConvNeXtBlock(d, dims[i], kernel_size, layer_scale, rates[i][j])
+                            for j in range(depths[i])]) for i in range(num_stages))
         self.feature_channels = dims
         self.downsample_ratio = stem_stride * 2 ** (num_stages - 1)
         self.feature_strides = [stem_stride * 2 ** i for i in range(num_stages)]
@@ -330,7 +364,7 @@ def build_cnn(name: str, spatial_dims: int = 2, in_channels: int = 1, **kw) -> n
     """Build ``resnet18``, ``resnet50`` or ``convnext_tiny`` for 2D or 3D images.
 
     Keyword options: ``width`` / ``base_channels`` (tiny test models), ``small_input``,
-    ``num_stages``; ConvNeXt also ``kernel_size``, ``layer_scale``, ``depths`` (shallow test nets). ``img_size`` is accepted and
+    ``num_stages``, ``drop_path``; ConvNeXt also ``kernel_size``, ``layer_scale``, ``depths`` (shallow test nets). ``img_size`` is accepted and
     ignored (CNNs are size-agnostic), so the generic ``build_encoder`` can pass it.
     """
     kw.pop("img_size", None)

@@ -185,7 +185,8 @@ class MAE(nn.Module):
             target_n = target
         hidden = mask.reshape(b, -1)
         patch_loss = ((pred - target_n) ** 2).mean(-1)  # (B, N)
-        recon_loss = patch_loss[hidden].mean()
+        weights = hidden.to(patch_loss.dtype)  # masked mean without a boolean gather (no GPU sync)
+        recon_loss = (patch_loss * weights).sum() / weights.sum()
         out = {"recon_loss": recon_loss.detach(), "mask": mask, "pred": pred}
         loss = recon_loss
         if difficulty is not None:
@@ -238,7 +239,8 @@ class SimMIM(nn.Module):
         target = patchify(x, self.patch_size)
         target_n, mean, std = _normalise_patches(target) if self.norm_pix_loss else (target, 0.0, 1.0)
         err = (pred - target_n).abs() if self.loss_kind == "l1" else (pred - target_n) ** 2
-        loss = err.mean(-1)[hidden].mean()
+        weights = hidden.to(err.dtype)
+        loss = (err.mean(-1) * weights).sum() / weights.sum()
         with torch.no_grad():
             pix = pred.detach() * std + mean if self.norm_pix_loss else pred.detach()
             pix = torch.where(hidden.unsqueeze(-1), pix.to(target.dtype), target)

@@ -117,19 +117,38 @@ def _single_thread_if_cpu(t: torch.Tensor):
 # --------------------------------------------------------------------------------------------
 
 class Rulebook:
-    """Which input row feeds which output row, per kernel offset.
+    """Which input row feeds which output row through which kernel offset, as two tables.
 
-    ``pairs[k]`` is ``None`` for the identity offset of a submanifold conv (the centre tap:
-    output row == input row), else ``(inp, out)`` int64 index vectors. ``spconv_pairs`` /
-    ``spconv_counts`` hold the same pairs in spconv's own format for ``kernel="spconv"``.
+    ``fwd`` (num_out, kv): the input row each output reads at each offset (``num_in`` where there
+    is none: a zero row); ``bwd`` (num_in, kv): the output row each input feeds at each offset
+    (``num_out`` where none) -- the transposed conv, used by the input gradient.
+    ``spconv_pairs`` / ``spconv_counts``: the same pairs in spconv's format (``kernel="spconv"``).
     """
 
-    def __init__(self, pairs, num_out, subm, spconv_pairs=None, spconv_counts=None):
-        self.pairs = pairs
-        self.num_out = num_out
+    def __init__(self, fwd, bwd, num_in, num_out, subm, spconv_pairs=None, spconv_counts=None):
+        self.fwd, self.bwd = fwd, bwd
+        self.num_in, self.num_out = num_in, num_out
         self.subm = subm
-        self.spconv_pairs = spconv_pairs
-        self.spconv_counts = spconv_counts
+        self._spconv = (spconv_pairs, spconv_counts)
+
+    @property
+    def kv(self) -> int:
+        return self.fwd.shape[1]
+
+    def spconv_format(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(pairs (2, kv, max_n) int32, counts (kv,) int32)`` as spconv's conv kernels read them."""
+        if self._spconv[0] is None:
+            valid = self.fwd < self.num_in
+            counts = valid.sum(0)
+            k, out = valid.T.nonzero(as_tuple=True)  # sorted by offset, then output row
+            first = torch.cumsum(counts, 0) - counts
+            slot = torch.arange(k.shape[0], device=k.device) - first[k]
+            pairs = torch.full((2, self.kv, max(1, int(counts.max()))), -1, dtype=torch.int32,
+                               device=k.device)
+            pairs[0, k, slot] = self.fwd[out, k].to(torch.int32)
+            pairs[1, k, slot] = out.to(torch.int32)
+            self._spconv = (pairs, counts.to(torch.int32))
+        return self._spconv
 
 
 class MaskPlan:
@@ -188,53 +207,53 @@ class MaskPlan:
     def _build_rulebook(self, stride, kernel, conv_stride, padding, dilation) -> Rulebook:
         d = self.spatial_dims
         indices, _ = self.sites(stride)
+        num_in = indices.shape[0]
         subm = conv_stride == 1
         if subm and padding != dilation * (kernel // 2):
             raise NotImplementedError("stride-1 masked convs must be 'same' convs "
                                       f"(kernel {kernel}, padding {padding})")
+        kv = kernel ** d
         if subm and kernel == 1:
-            return Rulebook([None], indices.shape[0], True)
+            rows = torch.arange(num_in, device=indices.device).unsqueeze(1)
+            return Rulebook(rows, rows, num_in, num_in, True)
         _, ops, ConvAlgo = _spconv()
         out_ids, sp_pairs, sp_counts = ops.get_indice_pairs(
             indices, self.batch_size, self.spatial_shape(stride), ConvAlgo.Native, [kernel] * d,
             [conv_stride] * d, [padding] * d, [dilation] * d, [0] * d, subm, False)
-        counts = sp_counts.tolist()
-        kv = kernel ** d
+        inp, out = sp_pairs[0].long(), sp_pairs[1].long()  # (kv, max_n), -1 padded
+        offset = torch.arange(kv, device=inp.device).unsqueeze(1).expand_as(inp)
+        valid = torch.arange(inp.shape[1], device=inp.device) < sp_counts.long().unsqueeze(1)
         if subm:
-            # spconv stores half of a submanifold rulebook: offset k and its mirror kv-1-k are the
-            # same pairs read in opposite directions; the centre is the identity.
-            pairs: list = [None] * kv
-            for k in range(kv // 2):
-                inp = sp_pairs[0, k, :counts[k]].long()
-                out = sp_pairs[1, k, :counts[k]].long()
-                pairs[k] = (inp, out)
-                pairs[kv - 1 - k] = (out, inp)
-            return Rulebook(pairs, indices.shape[0], True, sp_pairs, sp_counts)
-        # Regular (strided) rulebook: keep only outputs that are active at the output stride, and
-        # renumber them to that stride's canonical rows.
-        out_stride = stride * conv_stride
-        new_indices, lookup = self.sites(out_stride)
-        if list(lookup.shape[1:]) != list(_conv_out_shape(self.spatial_shape(stride), kernel,
-                                                          conv_stride, padding, dilation)):
-            raise ValueError(f"conv (kernel {kernel}, stride {conv_stride}, padding {padding}) on "
-                             f"a {self.spatial_shape(stride)} map does not give the stride-"
-                             f"{out_stride} grid {list(lookup.shape[1:])}")
-        row = lookup[tuple(out_ids.long().T)]  # -1 for outputs outside the visible region
-        pairs = []
-        max_n = 1
-        for k in range(kv):
-            inp = sp_pairs[0, k, :counts[k]].long()
-            out = row[sp_pairs[1, k, :counts[k]].long()]
-            keep = out >= 0
-            pairs.append((inp[keep], out[keep]))
-            max_n = max(max_n, int(keep.sum()))
-        sp_f = torch.full((2, kv, max_n), -1, dtype=torch.int32, device=indices.device)
-        sp_n = torch.zeros(kv, dtype=torch.int32, device=indices.device)
-        for k, (inp, out) in enumerate(pairs):
-            sp_f[0, k, :len(inp)] = inp.to(torch.int32)
-            sp_f[1, k, :len(out)] = out.to(torch.int32)
-            sp_n[k] = len(inp)
-        return Rulebook(pairs, new_indices.shape[0], False, sp_f, sp_n)
+            # spconv stores half of a submanifold rulebook: offset k < kv // 2 and its mirror
+            # kv-1-k are the same pairs read in opposite directions; the centre is the identity.
+            num_out = num_in
+            centre = torch.arange(num_in, device=inp.device)
+            inp = torch.cat([inp[valid], out[valid], centre])
+            out = torch.cat([out[valid], sp_pairs[0].long()[valid], centre])
+            offset = torch.cat([offset[valid], kv - 1 - offset[valid],
+                                torch.full_like(centre, kv // 2)])
+            spconv_pairs, spconv_counts = sp_pairs, sp_counts
+        else:
+            # Regular (strided) rulebook: keep only outputs active at the output stride, renumbered
+            # to that stride's canonical rows (spconv also creates outputs around visible regions).
+            new_indices, lookup = self.sites(stride * conv_stride)
+            expected = _conv_out_shape(self.spatial_shape(stride), kernel, conv_stride, padding,
+                                       dilation)
+            if list(lookup.shape[1:]) != expected:
+                raise ValueError(f"conv (kernel {kernel}, stride {conv_stride}, padding {padding}) "
+                                 f"maps {self.spatial_shape(stride)} to {expected}, not to the "
+                                 f"stride-{stride * conv_stride} grid {list(lookup.shape[1:])}")
+            num_out = new_indices.shape[0]
+            row = lookup[tuple(out_ids.long().T)]  # -1 for outputs outside the visible region
+            out = row[out.clamp(min=0)]
+            valid &= out >= 0
+            inp, out, offset = inp[valid], out[valid], offset[valid]
+            spconv_pairs = spconv_counts = None  # built on demand from the tables
+        fwd = torch.full((num_out, kv), num_in, dtype=torch.long, device=inp.device)
+        bwd = torch.full((num_in, kv), num_out, dtype=torch.long, device=inp.device)
+        fwd.view(-1)[out * kv + offset] = inp
+        bwd.view(-1)[inp * kv + offset] = out
+        return Rulebook(fwd, bwd, num_in, num_out, subm, spconv_pairs, spconv_counts)
 
 
 def _conv_out_shape(shape, kernel, stride, padding, dilation):
@@ -245,24 +264,41 @@ def _conv_out_shape(shape, kernel, stride, padding, dilation):
 # sparse arithmetic on rows (torch; identical on CPU and CUDA)
 # --------------------------------------------------------------------------------------------
 
+_CHUNK_ELEMENTS = 1 << 23  # gathered values per chunk (32 MiB in float32)
+
+
+def _gather(src: torch.Tensor, table: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+    """``src`` rows looked up through ``table`` (R, kv) -> (R, kv, C); index ``len(src)`` = fill."""
+    padded = torch.cat([src, src.new_full((1, src.shape[1]), fill)])
+    return padded.index_select(0, table.reshape(-1)).view(*table.shape, src.shape[1])
+
+
+def _chunks(rows: int, per_row: int):
+    step = max(1, _CHUNK_ELEMENTS // max(1, per_row))
+    return [slice(i, min(i + step, rows)) for i in range(0, rows, step)]
+
+
 class _RowConv(torch.autograd.Function):
-    """Gather-GEMM-scatter conv over a rulebook, saving only its inputs for backward.
+    """Sparse conv as gather-GEMM over a rulebook (im2col on the active rows), chunked.
 
     ``weight`` is ``(kv, C, O)`` (dense conv) or ``(kv, C)`` (depthwise: per-channel products).
+    Forward gathers each output's kv neighbours and does one GEMM; the input gradient is the same
+    through the transposed table, so neither direction scatters. Only the inputs are saved.
     """
 
     @staticmethod
     def forward(ctx, feat, weight, rulebook):
+        fwd = rulebook.fwd
+        kv, c = weight.shape[:2]
         depthwise = weight.dim() == 2
-        out_ch = weight.shape[1] if depthwise else weight.shape[2]
-        out = feat.new_zeros(rulebook.num_out, out_ch)
-        for k, pair in enumerate(rulebook.pairs):
-            if pair is None:
-                out += feat * weight[k] if depthwise else feat @ weight[k]
-            elif len(pair[0]):
-                inp, dst = pair
-                rows = feat[inp]
-                out.index_add_(0, dst, rows * weight[k] if depthwise else rows @ weight[k])
+        out = feat.new_empty(rulebook.num_out, c if depthwise else weight.shape[2])
+        w2 = weight if depthwise else weight.reshape(kv * c, -1)
+        for part in _chunks(rulebook.num_out, kv * c):
+            cols = _gather(feat, fwd[part])
+            if depthwise:
+                out[part] = (cols * w2).sum(1)
+            else:
+                torch.mm(cols.view(cols.shape[0], -1), w2, out=out[part])
         ctx.save_for_backward(feat, weight)
         ctx.rulebook = rulebook
         return out
@@ -270,27 +306,31 @@ class _RowConv(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         feat, weight = ctx.saved_tensors
-        depthwise = weight.dim() == 2
+        fwd, bwd = ctx.rulebook.fwd, ctx.rulebook.bwd
         grad_out = grad_out.contiguous()
-        need_feat, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_feat = torch.zeros_like(feat) if need_feat else None
-        grad_w = torch.zeros_like(weight) if need_w else None
-        for k, pair in enumerate(ctx.rulebook.pairs):
-            if pair is None:
-                g, rows, inp = grad_out, feat, None
-            elif len(pair[0]):
-                inp, dst = pair
-                g, rows = grad_out[dst], feat[inp] if need_w else None
-            else:
-                continue
-            if need_w:
-                grad_w[k] = (rows * g).sum(0) if depthwise else rows.T @ g
-            if need_feat:
-                back = g * weight[k] if depthwise else g @ weight[k].T
-                if inp is None:
-                    grad_feat += back
+        kv, c = weight.shape[:2]
+        depthwise = weight.dim() == 2
+        grad_feat = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_feat = torch.empty_like(feat)
+            # transposed conv: input i gets sum_k grad_out[bwd[i, k]] @ W_k^T
+            wt = weight if depthwise else weight.transpose(1, 2).reshape(kv * weight.shape[2], c)
+            for part in _chunks(feat.shape[0], kv * grad_out.shape[1]):
+                gcols = _gather(grad_out, bwd[part])
+                if depthwise:
+                    grad_feat[part] = (gcols * wt).sum(1)
                 else:
-                    grad_feat.index_add_(0, inp, back)
+                    torch.mm(gcols.view(gcols.shape[0], -1), wt, out=grad_feat[part])
+        if ctx.needs_input_grad[1]:
+            grad_w = torch.zeros_like(weight).view(kv * c, -1) if not depthwise \
+                else torch.zeros_like(weight)
+            for part in _chunks(ctx.rulebook.num_out, kv * c):
+                cols = _gather(feat, fwd[part])
+                if depthwise:
+                    grad_w += (cols * grad_out[part].unsqueeze(1)).sum(0)
+                else:
+                    grad_w.addmm_(cols.view(cols.shape[0], -1).T, grad_out[part])
+            grad_w = grad_w.view_as(weight)
         return grad_feat, grad_w, None
 
 
@@ -301,9 +341,10 @@ class _SpconvConv(torch.autograd.Function):
     def forward(ctx, feat, weight, rulebook):
         _, ops, ConvAlgo = _spconv()
         feat = feat.contiguous()
+        pairs, counts = rulebook.spconv_format()
         with _single_thread_if_cpu(feat):
-            out = ops.indice_conv(feat, weight, rulebook.spconv_pairs, rulebook.spconv_counts,
-                                  rulebook.num_out, False, rulebook.subm, algo=ConvAlgo.Native)
+            out = ops.indice_conv(feat, weight, pairs, counts, rulebook.num_out, False,
+                                  rulebook.subm, algo=ConvAlgo.Native)
         ctx.save_for_backward(feat, weight)
         ctx.rulebook = rulebook
         return out
@@ -313,10 +354,11 @@ class _SpconvConv(torch.autograd.Function):
         _, ops, ConvAlgo = _spconv()
         feat, weight = ctx.saved_tensors
         rb = ctx.rulebook
+        pairs, counts = rb.spconv_format()
         with _single_thread_if_cpu(feat):
             grad_feat, grad_w = ops.indice_conv_backward(
-                feat, weight, grad_out.contiguous(), rb.spconv_pairs, rb.spconv_counts, False,
-                rb.subm, algo=ConvAlgo.Native)
+                feat, weight, grad_out.contiguous(), pairs, counts, False, rb.subm,
+                algo=ConvAlgo.Native)
         return grad_feat, grad_w, None
 
 
@@ -325,18 +367,11 @@ class _RowMaxPool(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, feat, rulebook):
-        out = feat.new_full((rulebook.num_out, feat.shape[1]), -math.inf)
-        arg = torch.zeros(out.shape, dtype=torch.long, device=feat.device)
-        for inp, dst in rulebook.pairs:  # within one offset every output row appears once
-            if not len(inp):
-                continue
-            cand, cur = feat[inp], out[dst]
-            better = cand > cur
-            out[dst] = torch.where(better, cand, cur)
-            arg[dst] = torch.where(better, inp[:, None].expand_as(cand), arg[dst])
-        ctx.save_for_backward(arg)
+        fwd = rulebook.fwd
+        vals, which = _gather(feat, fwd, fill=-math.inf).max(dim=1)  # first max on ties
+        ctx.save_for_backward(torch.gather(fwd, 1, which))  # input row of each max, per channel
         ctx.num_in = feat.shape[0]
-        return out
+        return vals
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -520,6 +555,21 @@ def add(a, b):
     if isinstance(a, torch.Tensor):
         return a + b
     return a.add(b)
+
+
+def scale_samples(h, scale: torch.Tensor):
+    """Multiply every sample ``b`` of the batch by ``scale[b]`` (stochastic depth)."""
+    if isinstance(h, torch.Tensor):
+        return h * scale.view(-1, *([1] * (h.dim() - 1))).to(h.dtype)
+    if isinstance(h, DenseMasked):
+        return DenseMasked(h.x * scale.view(-1, *([1] * (h.x.dim() - 1))).to(h.x.dtype), h.stride,
+                           h.plan)
+    sample = h.tensor.indices[:, 0].long()
+    return h.rows(lambda f: f * scale.to(f.dtype)[sample].unsqueeze(1))
+
+
+def batch_size(h) -> int:
+    return h.shape[0] if isinstance(h, torch.Tensor) else h.plan.batch_size
 
 
 def to_dense(h) -> torch.Tensor:

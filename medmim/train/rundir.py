@@ -10,7 +10,7 @@ import sys
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -104,10 +104,33 @@ class RunDir:
             append_jsonl(self.path / "metrics.jsonl", record)
 
     def read_metrics(self) -> list[dict[str, Any]]:
+        """The metric records; a last line cut short by a killed process is ignored."""
         f = self.path / "metrics.jsonl"
         if not f.exists():
             return []
-        return [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+        out = []
+        for line in f.read_text().splitlines():
+            if not line.strip():
+                continue
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return out
+
+    def keep_metrics(self, keep: Callable[[dict[str, Any]], bool]) -> None:
+        """Rewrite metrics.jsonl (atomically) with only the records ``keep`` accepts: a resumed stage
+        drops what it logged after its last checkpoint, so that it is logged exactly once."""
+        f = self.path / "metrics.jsonl"
+        if not self.writer or not f.exists():
+            return
+        records = self.read_metrics()
+        kept = [r for r in records if keep(r)]
+        text = f.read_text()
+        if len(kept) == len(records) and (not text or text.endswith("\n")) and \
+                len([ln for ln in text.splitlines() if ln.strip()]) == len(records):
+            return
+        write_text(f, "".join(json.dumps(r, sort_keys=True, default=str) + "\n" for r in kept))
 
     def write_json(self, name: str, obj: Any) -> None:
         if self.writer:

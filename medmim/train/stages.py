@@ -116,7 +116,8 @@ def finetune_stage(cfg: Config, data: DataBundle, run: RunDir, runtime: Runtime,
     encoder = build_encoder_for(cfg)
     report = None
     if init is not None:
-        report = load_encoder_weights(encoder, init, verbose=False)
+        from medmim.models.monai_compat import load_init_weights  # medmim export or MONAI-format ViT
+        report = load_init_weights(encoder, init, verbose=True)  # the strict key report, printed
         log(f"[finetune] init from {Path(init).name}: {report.summary().splitlines()[0]}")
         if not report.matched:
             raise MedmimError(f"{init}: no weights matched the encoder ({cfg.encoder.name})")
@@ -130,12 +131,14 @@ def finetune_stage(cfg: Config, data: DataBundle, run: RunDir, runtime: Runtime,
     except ImportError:
         pass
     task = ClassificationTask(model, num_out, loss=fc.loss, multilabel=fc.multilabel,
-                              class_counts=class_counts(train_items, num_out), param_groups_fn=groups_fn)
+                              class_counts=class_counts(train_items, num_out), param_groups_fn=groups_fn,
+                              freeze_epochs=fc.freeze_epochs if fc.mode == "full" else 0, epochs=fc.epochs)
     fit(task, train_loader, fc, run, runtime, val_loader=eval_loader(val_items), monitor="val_auroc",
         monitor_mode="max", resume=resume, stage="finetune", log=log)
     best = safe_torch_load(run.checkpoints / "best.pt")
     model.load_state_dict(best["model"])
-    test = task.evaluate(model, eval_loader(test_items), runtime) if test_items else {}
+    test = task.evaluate(model, eval_loader(test_items), runtime, bootstrap=fc.bootstrap, per_class=True,
+                         seed=seed) if test_items else {}
     result = {"n_labelled": len(train_items), "label_fraction": fc.label_fraction, "seed": seed,
               "mode": fc.mode, "best_epoch": int(best["epoch"]), "val_auroc": best.get("best"),
               **{f"test_{k}": v for k, v in test.items()},

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medmim.eval.metrics import classification_metrics
+from medmim.eval.metrics import CLASSIFICATION_METRICS, bootstrap_cis, classification_metrics
 from medmim.train.distributed import all_gather_cat, all_reduce_sum
 from medmim.train.loop import default_param_groups, to_device
 
@@ -60,20 +60,47 @@ def focal_loss(logits, target, gamma: float = 2.0, weight=None):
     return ((1 - pt) ** gamma * ce).mean()
 
 
+def binary_focal_loss(logits, target, gamma: float = 2.0):
+    """Focal loss for sigmoid outputs (multi-label), mean over elements."""
+    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    pt = torch.exp(-bce)
+    return ((1 - pt) ** gamma * bce).mean()
+
+
 class ClassificationTask:
-    """Binary / multi-class (softmax) or multi-label (sigmoid) classification."""
+    """Binary / multi-class (softmax) or multi-label (sigmoid) classification.
+
+    ``loss``: ``ce``, ``weighted_ce`` (inverse class frequency from ``class_counts``) or ``focal``
+    (gamma 2, class-weighted when counts are given); multi-label uses BCE (``focal``: sigmoid focal).
+    ``freeze_epochs`` with ``epochs``: freeze-then-unfreeze -- the model's encoder is frozen (see
+    ``Classifier.freeze_encoder``) for the first ``freeze_epochs`` epochs, then trains with the head.
+    """
 
     def __init__(self, model: nn.Module, num_classes: int, loss: str = "ce", multilabel: bool = False,
-                 class_counts: list[int] | None = None, param_groups_fn=None):
+                 class_counts: list[int] | None = None, param_groups_fn=None, freeze_epochs: int = 0,
+                 epochs: int | None = None):
         self.model = model
         self.num_classes = num_classes
         self.multilabel = multilabel
         self.loss = loss
         self._groups_fn = param_groups_fn
         self.weight = None
-        if loss in ("weighted_ce", "focal") and class_counts:
+        if loss in ("weighted_ce", "focal") and class_counts and not multilabel:
             counts = torch.tensor(class_counts, dtype=torch.float32).clamp(min=1)
             self.weight = counts.sum() / (len(counts) * counts)
+        self.freeze_epochs = int(freeze_epochs or 0)
+        self.epochs = epochs
+        if self.freeze_epochs > 0 and hasattr(model, "freeze_encoder"):
+            if not epochs:
+                raise ValueError("freeze_epochs needs the total number of epochs")
+            model.freeze_encoder(True)
+            self.find_unused_parameters = True  # DDP: the encoder gets no gradients in the head-only phase
+
+    def after_step(self, step: int, total: int) -> None:
+        """Unfreeze the encoder once ``freeze_epochs`` epochs of optimizer steps are done."""
+        if self.freeze_epochs > 0 and getattr(self.model, "frozen", False) and getattr(self.model, "mode", "") != "linear":
+            if step >= self.freeze_epochs * total / self.epochs:
+                self.model.freeze_encoder(False)
 
     def param_groups(self, weight_decay: float):
         if self._groups_fn is not None:
@@ -82,7 +109,9 @@ class ClassificationTask:
 
     def compute_loss(self, logits, target):
         if self.multilabel:
-            return F.binary_cross_entropy_with_logits(logits, target.float())
+            if self.loss == "focal":
+                return binary_focal_loss(logits.float(), target.float())
+            return F.binary_cross_entropy_with_logits(logits.float(), target.float())
         weight = self.weight.to(logits.device) if self.weight is not None else None
         if self.loss == "focal":
             return focal_loss(logits.float(), target, weight=weight)
@@ -106,14 +135,26 @@ class ClassificationTask:
         y = all_gather_cat(torch.cat(labels)).cpu().numpy()
         return p, y
 
-    def evaluate(self, model, loader, runtime):
+    def evaluate(self, model, loader, runtime, bootstrap: int = 0, per_class: bool = False, seed: int = 0):
+        """Metrics on a loader. ``bootstrap`` > 0 adds 95% CIs (``{metric}_ci_low/high``) from that
+        many case resamples, and ``per_class`` keeps ``auroc_class{c}`` (with CIs)."""
         p, y = self.predict(model, loader, runtime)
         m = classification_metrics(y, p, multilabel=self.multilabel)
         m["loss"] = float(F.cross_entropy(torch.log(torch.as_tensor(p).clamp_min(1e-8)), torch.as_tensor(y)).item()) \
             if not self.multilabel else float("nan")
-        return {k: v for k, v in m.items() if not k.startswith("auroc_class")}
+        if not per_class:
+            m = {k: v for k, v in m.items() if not k.startswith("auroc_class")}
+        if bootstrap:
+            names = list(CLASSIFICATION_METRICS) + ([k for k in m if k.startswith("auroc_class")] if per_class else [])
+            for name, ci in bootstrap_cis(y, p, names, n=bootstrap, seed=seed, multilabel=self.multilabel).items():
+                m[f"{name}_ci_low"], m[f"{name}_ci_high"] = ci["low"], ci["high"]
+            m["n"] = int(len(y))
+        return m
 
 
 def class_counts(items: list[dict], num_classes: int) -> list[int]:
-    labels = np.array([int(it["label"]) for it in items if "label" in it])
-    return np.bincount(labels, minlength=num_classes).tolist()
+    """Images per class (multi-label: positives per label)."""
+    labels = [it["label"] for it in items if "label" in it]
+    if labels and torch.as_tensor(labels[0]).ndim > 0:
+        return torch.stack([torch.as_tensor(v) for v in labels]).sum(0).long().tolist()
+    return np.bincount(np.array([int(v) for v in labels], dtype=np.int64), minlength=num_classes).tolist()

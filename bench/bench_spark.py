@@ -1,0 +1,179 @@
+"""Benchmark SparK's two encoder backends, a SparK step vs an MAE step, and SparK's peak memory.
+
+    .venv/bin/python bench/bench_spark.py            # full run (several minutes on 2 cores)
+    .venv/bin/python bench/bench_spark.py --quick    # smaller inputs, for a smoke check
+
+Rows:
+  * encoder forward+backward (train mode), ResNet-18: masked-dense vs sparse at 60% and 75% mask,
+    3D (2 x 64^3) and 2D (8 x 224^2); the unmasked dense encoder for reference.
+  * one full optimiser-free step (forward + backward) of SparK (ResNet-50, sparse) vs MAE
+    (ViT-Small/16) on 8 x 224^2 -- ~23M vs ~22M encoder parameters.
+  * peak RSS of one 3D SparK step (ResNet-18, 64^3, batch 4), measured in a fresh subprocess.
+Times are the minimum over repeats (the box may be shared). Results go to bench/results/spark.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from medmim.masking import random_mask  # noqa: E402
+from medmim.models.cnn import build_cnn  # noqa: E402
+from medmim.models.spark import SparK  # noqa: E402
+
+GOAL_RATIO, GOAL_RSS_GIB = 0.25, 4.0
+
+
+def timed(fn, repeats):
+    fn()  # warm-up (allocator, oneDNN primitives)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def encoder_step(enc, x, mask, backend):
+    def run():
+        enc.zero_grad(set_to_none=True)
+        feats = enc(x, mask, backend=backend) if mask is not None else enc(x)
+        sum(f.float().mean() for f in feats).backward()
+    return run
+
+
+def bench_encoder(d, batch, size, ratios, repeats):
+    torch.manual_seed(0)
+    enc = build_cnn("resnet18", spatial_dims=d)
+    x = torch.randn(batch, 1, *[size] * d)
+    grid = (size // enc.downsample_ratio,) * d
+    rows = [(f"{d}D resnet18 {batch}x{size}^{d} unmasked dense", timed(encoder_step(enc, x, None,
+                                                                                   None), repeats), None)]
+    for r in ratios:
+        mask = random_mask(batch, grid, r, generator=torch.Generator().manual_seed(0))
+        t_dense = timed(encoder_step(enc, x, mask, "dense"), repeats)
+        t_sparse = timed(encoder_step(enc, x, mask, "sparse"), repeats)
+        rows.append((f"{d}D resnet18 {batch}x{size}^{d} mask {r:.0%} masked-dense", t_dense, None))
+        rows.append((f"{d}D resnet18 {batch}x{size}^{d} mask {r:.0%} sparse", t_sparse,
+                     t_sparse / t_dense))
+    return rows
+
+
+def bench_pretexts(batch, size, repeats):
+    torch.manual_seed(0)
+    spark = SparK(build_cnn("resnet50", spatial_dims=2), backend="sparse", decoder_width=256)
+    x = torch.randn(batch, 1, size, size)
+
+    def spark_step():
+        spark.zero_grad(set_to_none=True)
+        spark(x)["loss"].backward()
+
+    n_spark = sum(p.numel() for p in spark.encoder.parameters()) / 1e6
+    rows = [(f"SparK step resnet50 ({n_spark:.1f}M) 2D {batch}x{size}^2 sparse",
+             timed(spark_step, repeats), None)]
+    try:
+        from medmim.models.mae import MAE
+        from medmim.models.vit import build_vit
+    except ImportError as exc:
+        print(f"MAE row skipped: medmim.models.mae not importable ({exc})")
+        return rows
+    mae = MAE(build_vit("small", spatial_dims=2, img_size=size, patch_size=16), decoder_dim=256,
+              decoder_depth=2)
+
+    def mae_step():
+        mae.zero_grad(set_to_none=True)
+        mae(x)["loss"].backward()
+
+    n_mae = sum(p.numel() for p in mae.encoder.parameters()) / 1e6
+    t_mae = timed(mae_step, repeats)
+    rows.append((f"MAE step vit_small/16 ({n_mae:.1f}M) 2D {batch}x{size}^2", t_mae, None))
+    rows[0] = (*rows[0][:2], rows[0][1] / t_mae)
+    return rows
+
+
+CHILD = """
+import resource, sys, time, torch
+torch.set_num_threads(2)
+sys.path.insert(0, {repo!r})
+from medmim.models.cnn import build_cnn
+from medmim.models.spark import SparK
+torch.manual_seed(0)
+model = SparK(build_cnn("resnet18", spatial_dims=3), backend={backend!r}, decoder_width=128)
+x = torch.randn({batch}, 1, {size}, {size}, {size})
+t = time.perf_counter()
+model(x)["loss"].backward()
+print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def bench_rss(batch, size, backend):
+    code = CHILD.format(repo=str(REPO), batch=batch, size=size, backend=backend)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    seconds, kib = out.stdout.split()[-2:]
+    return float(seconds), int(kib) / 2 ** 20  # ru_maxrss is KiB on Linux
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="small inputs (smoke check)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", default=str(REPO / "bench/results/spark.md"))
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    s3, s2, b2, sp = (32, 64, 2, 64) if args.quick else (64, 224, 8, 224)
+
+    rows = []
+    rows += bench_encoder(3, 2, s3, (0.6, 0.75), args.repeats)
+    rows += bench_encoder(2, b2, s2, (0.6, 0.75), args.repeats)
+    rows += bench_pretexts(b2, sp, args.repeats)
+    rss_size = 32 if args.quick else 64
+    rss = {b: bench_rss(4, rss_size, b) for b in ("sparse", "dense")}
+
+    load = os.getloadavg()
+    lines = [
+        "# SparK benchmark",
+        "",
+        f"- date: {dt.datetime.now().isoformat(timespec='minutes')}",
+        f"- machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, no GPU",
+        f"- load average when finished: {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} "
+        "(the box is shared: treat absolute times as noisy; ratios come from the same run)",
+        f"- command: `.venv/bin/python bench/bench_spark.py{' --quick' if args.quick else ''}`",
+        "- times: forward + backward, train mode, minimum of "
+        f"{args.repeats} repeats after a warm-up",
+        "",
+        "| what | seconds | ratio |",
+        "|---|---:|---:|",
+    ]
+    for name, sec, ratio in rows:
+        lines.append(f"| {name} | {sec:.3f} | {'' if ratio is None else f'{ratio:.2f}'} |")
+    for backend, (sec, gib) in rss.items():
+        lines.append(f"| SparK step 3D resnet18 4x{rss_size}^3 {backend}: peak RSS {gib:.2f} GiB "
+                     f"| {sec:.3f} | |")
+    lines += [
+        "",
+        "ratio: sparse / masked-dense for encoder rows; SparK step / MAE step for the SparK row.",
+        f"Goals: sparse <= {GOAL_RATIO} x masked-dense at 60% mask; peak RSS <= {GOAL_RSS_GIB} GiB.",
+    ]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    print(json.dumps({"written": str(out)}))
+
+
+if __name__ == "__main__":
+    main()

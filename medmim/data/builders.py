@@ -1,0 +1,191 @@
+"""Manifest builders: turn a source into rows (one per image/volume) for ``write_manifest``.
+
+* ``from_folder``: one class per sub-folder (labels 0..K-1 in sorted folder-name order);
+* ``from_csv``: any CSV, with its column names mapped onto the manifest columns;
+* ``from_decathlon``: a Medical Segmentation Decathlon ``dataset.json`` (imagesTr/labelsTr; imagesTs
+  as the test split);
+* ``from_dicom``: a DICOM folder, grouped into series (one row per series, or per time point of a
+  4D series); patient ids are salted hashes, never the DICOM PatientID;
+* ``from_npz``: a MedMNIST-layout npz, rows referencing ``file.npz#<split>_images/<i>``.
+
+Builders never read pixels except where needed to validate (DICOM headers); files they cannot use
+are appended to ``skipped`` as ``{"file", "reason"}``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from pathlib import Path
+
+from medmim.data.readers import NIFTI, RASTER, SITK, _suffix
+from medmim.errors import DataError
+
+IMAGE_SUFFIXES = set(RASTER) | set(NIFTI) | SITK | {".dcm", ".npy"}
+DICOM_MODALITY = {"CT": "ct", "MR": "mri", "CR": "xray", "DX": "xray", "DR": "xray", "MG": "xray",
+                  "RF": "xray", "XA": "xray", "PT": "generic", "US": "generic", "NM": "generic"}
+
+
+def _patient_of(path: Path, patient_regex: str | None) -> str:
+    stem = path.name[: -len(_suffix(path))] if _suffix(path) else path.name
+    if patient_regex:
+        m = re.search(patient_regex, path.name)
+        if m:
+            return m.group(1) if m.groups() else m.group(0)
+    return stem
+
+
+def from_folder(root: str | Path, *, modality: str = "", patient_regex: str | None = None,
+                skipped: list[dict] | None = None) -> list[dict]:
+    """``root/<class>/**/<image>``: one class per sub-folder; files that are not images are skipped.
+
+    ``patient_regex``: a regular expression on the file name whose first group is the patient id
+    (default: the file name without suffix, i.e. every image its own patient).
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: folder not found")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise DataError(f"{root}: no class sub-folders (expected {root}/<class name>/<images>)")
+    rows = []
+    for label, name in enumerate(classes):
+        for p in sorted((root / name).rglob("*")):
+            if not p.is_file() or p.name.startswith("."):
+                continue
+            if _suffix(p) not in IMAGE_SUFFIXES:
+                if skipped is not None:
+                    skipped.append({"file": str(p), "reason": f"not an image file (suffix '{_suffix(p)}')"})
+                continue
+            rows.append({"image": str(p), "label": label, "label_name": name,
+                         "patient_id": _patient_of(p, patient_regex), "split": "", "modality": modality})
+    if not rows:
+        raise DataError(f"{root}: no image files under the class folders")
+    return rows
+
+
+def from_csv(path: str | Path, *, image_col: str = "image", label_col: str | None = "label",
+             patient_col: str | None = "patient_id", split_col: str | None = "split", mask_col: str | None = "mask",
+             modality: str = "") -> list[dict]:
+    """Rows of any CSV; ``*_col`` name its columns (missing optional columns are fine).
+
+    Relative paths are taken relative to the CSV's folder. Other columns are kept.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: CSV not found")
+    with open(path, newline="") as fh:
+        data = list(csv.DictReader(fh))
+    if not data:
+        raise DataError(f"{path}: CSV has no rows")
+    if image_col not in data[0]:
+        raise DataError(f"{path}: no column '{image_col}' (found: {', '.join(data[0])})")
+    rows = []
+    mapping = {image_col: "image", label_col: "label", patient_col: "patient_id", split_col: "split",
+               mask_col: "mask"}
+    for n, src in enumerate(data, 2):
+        row = {}
+        for k, v in src.items():
+            row[mapping.get(k, k) if k is not None else "extra"] = v
+        if not row.get("image"):
+            raise DataError(f"{path}: row {n} has an empty '{image_col}'")
+        for col in ("image", "mask"):
+            if row.get(col):
+                p = Path(row[col])
+                row[col] = str(p if p.is_absolute() else path.parent / p)
+        if not row.get("patient_id"):
+            row["patient_id"] = _patient_of(Path(row["image"]), None)
+        if row.get("split") and row["split"] not in ("train", "val", "test"):
+            raise DataError(f"{path}: row {n}: split '{row['split']}' is not train/val/test")
+        row.setdefault("modality", modality)
+        rows.append(row)
+    return rows
+
+
+def from_decathlon(dataset_json: str | Path) -> list[dict]:
+    """A Decathlon ``dataset.json``: training pairs become image + mask rows (split left to the
+    patient split), ``test`` images become split ``test`` rows without masks."""
+    dataset_json = Path(dataset_json)
+    if not dataset_json.exists():
+        raise DataError(f"{dataset_json}: dataset.json not found")
+    try:
+        meta = json.loads(dataset_json.read_text())
+    except ValueError as exc:
+        raise DataError(f"{dataset_json}: not valid JSON ({exc})") from None
+    if "training" not in meta:
+        raise DataError(f"{dataset_json}: no 'training' list (not a Decathlon dataset.json)")
+    base = dataset_json.parent
+    mod = " ".join(str(v) for v in (meta.get("modality") or {}).values()).lower()
+    modality = "ct" if "ct" in mod.split() else "mri" if any(k in mod for k in ("mri", "t1", "t2", "flair", "adc")) \
+        else ""
+    name = str(meta.get("name", base.name))
+
+    def rel(p: str) -> str:
+        q = Path(p)
+        return str(q if q.is_absolute() else (base / q).resolve())
+
+    rows = []
+    for item in meta["training"]:
+        img = rel(item["image"])
+        rows.append({"image": img, "mask": rel(item["label"]) if item.get("label") else "", "label": "",
+                     "patient_id": _patient_of(Path(img), None), "split": "", "modality": modality,
+                     "dataset": name})
+    for item in meta.get("test", []):
+        img = rel(item if isinstance(item, str) else item["image"])
+        rows.append({"image": img, "mask": "", "label": "", "patient_id": _patient_of(Path(img), None),
+                     "split": "test", "modality": modality, "dataset": name})
+    return rows
+
+
+def from_dicom(folder: str | Path, *, salt: str, split_time: bool = True,
+               skipped: list[dict] | None = None) -> list[dict]:
+    """One row per DICOM series under ``folder`` (``image`` = the series folder, ``series_id`` =
+    SeriesInstanceUID); a 4D series gives one row per time point (``frame``) when ``split_time``.
+
+    ``patient_id``/``study_id`` are salted hashes. Series that fail the geometry checks (mixed
+    orientations, missing slices) and non-DICOM files are listed in ``skipped``.
+    """
+    from medmim.data.dicom import scan_folder, series_layout
+
+    if not salt:
+        raise DataError("from_dicom needs a salt for hashing patient ids")
+    skipped = skipped if skipped is not None else []
+    series = scan_folder(folder, salt, skipped=skipped)
+    rows = []
+    for uid, info in sorted(series.items(), key=lambda kv: (str(kv[1].folder), kv[0])):
+        try:
+            layout = series_layout(info.files, name=str(info.folder))
+        except DataError as exc:
+            text = str(exc)
+            skipped.append({"file": str(info.folder), "reason": text.split(": ", 1)[-1]})
+            continue
+        base = {"image": str(info.folder), "label": "", "patient_id": info.patient,
+                "study_id": "st-" + info.study_uid_hash, "series_id": uid, "split": "",
+                "modality": DICOM_MODALITY.get(info.modality, "generic"), "dicom_modality": info.modality,
+                "n_files": len(info.files), "n_slices": layout["n_slices"], "n_timepoints": layout["n_timepoints"]}
+        if split_time and layout["n_timepoints"] > 1:
+            rows.extend({**base, "frame": t} for t in range(layout["n_timepoints"]))
+        else:
+            rows.append({**base, "frame": ""})
+    if not rows:
+        raise DataError(f"{folder}: no usable DICOM series"
+                        + (f" (first problem: {skipped[0]['file']}: {skipped[0]['reason']})" if skipped else ""))
+    return rows
+
+
+def from_npz(path: str | Path, *, modality: str = "") -> list[dict]:
+    """A MedMNIST npz: one row per image, referencing ``<file>#<split>_images/<i>``; official split kept;
+    each image is its own patient (MedMNIST carries no patient ids)."""
+    from medmim.data.medmnist import load_npz
+
+    path = Path(path).resolve()
+    rows = []
+    for split, (images, labels) in load_npz(path).items():
+        for i, lab in enumerate(labels):
+            rows.append({"image": f"{path}#{split}_images/{i}", "label": lab.tolist() if lab.ndim else int(lab),
+                         "patient_id": f"{path.stem}-{split}-{i}", "split": split, "modality": modality})
+    return rows
+
+
+BUILDERS = {"folder": from_folder, "csv": from_csv, "decathlon": from_decathlon, "dicom": from_dicom, "npz": from_npz}
