@@ -82,6 +82,7 @@ class EncoderConfig(Section):
     num_heads: Optional[int] = Field(None, ge=1)
     width: Optional[int] = Field(None, ge=4)  # CNN base channels
     small_input: bool = True  # CNN stem for small images (e.g. 28x28 MedMNIST)
+    num_stages: Optional[int] = Field(None, ge=1, le=4)  # CNN stages (3 gives a 7x7 grid at 28x28 with small_input)
     drop_path: float = Field(0.0, ge=0, lt=1)
 
 

@@ -192,8 +192,9 @@ def run_study(cfg: Config, *, resume: bool = True, log: Callable[[str], None] = 
     if root.writer:
         write_json(root.path / "data_card.json", data_card(cfg, data))
 
-    cells = [(init, mode, frac, seed) for init in inits for mode in cfg.study.modes
-             for frac in cfg.study.fractions for seed in cfg.study.seeds]
+    # smallest fraction first, every init side by side: a cut-off study still compares inits
+    cells = [(init, mode, frac, seed) for frac in cfg.study.fractions for seed in cfg.study.seeds
+             for mode in cfg.study.modes for init in inits]
     metric = cfg.study.metric
     rows: list[dict[str, Any]] = []
     fancy = _fancy_default() if progress is None else progress
@@ -254,6 +255,9 @@ def run_cell(cfg: Config, data: DataBundle, run: RunDir, runtime: Runtime, init:
             raise MedmimError(f"pretraining for '{init.entry}' failed; see pretrain-{init.key}/error.txt")
         cell_cfg = with_overrides(cfg, [f"finetune.label_fraction={frac}", f"finetune.mode={mode}",
                                         f"finetune.epochs={cell_epochs(cfg, data, frac, seed)}"])
+        sections = ("data", "encoder", "finetune") if init.method == "scratch" else \
+            ("data", "encoder", "pretrain", "finetune")
+        check_stage(run, stage_fingerprint(cell_cfg, sections) + f"-s{seed}")
         result = finetune_stage(cell_cfg, data, run, runtime, init=weights, resume=resume, seed=seed,
                                 log=lambda m: None)
         row.update(status="ok", **{k: v for k, v in result.items() if k not in row})
@@ -265,6 +269,31 @@ def run_cell(cfg: Config, data: DataBundle, run: RunDir, runtime: Runtime, init:
         if run.writer:
             write_text(run.path / "error.txt", traceback.format_exc())
     return row
+
+
+def stage_fingerprint(cfg: Config, sections: tuple[str, ...]) -> str:
+    """A short hash of the config sections that decide a stage's result (run name/paths excluded)."""
+    import hashlib
+
+    dump = cfg.model_dump(mode="json")
+    dump["data"].pop("num_workers", None)
+    picked = {k: dump[k] for k in sections}
+    picked["seed"] = cfg.run.seed
+    return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def check_stage(run: RunDir, fingerprint: str) -> None:
+    """Refuse to resume a stage folder written under a different config (stale checkpoints)."""
+    f = run.path / "stage.json"
+    if f.exists():
+        old = json.loads(f.read_text()).get("fingerprint")
+        if old != fingerprint:
+            raise MedmimError(f"{run.path}: written under a different config (fingerprint {old}, now "
+                              f"{fingerprint}); use a new run.name, or delete this folder to redo it")
+    elif any(run.path.iterdir()) if run.path.exists() else False:
+        return  # written before fingerprints existed: trusted as is
+    elif run.writer:
+        write_json(f, {"fingerprint": fingerprint})
 
 
 def cell_epochs(cfg: Config, data: DataBundle, frac: float, seed: int) -> int:
@@ -291,6 +320,7 @@ def _init_weights(cfg: Config, data: DataBundle, root: RunDir, runtime: Runtime,
         return init.weights
     run = root.child(f"pretrain-{init.key}")
     try:
+        check_stage(run, stage_fingerprint(cfg, ("data", "encoder", "pretrain")))
         return pretrain_stage(cfg, data, run, runtime, resume=resume, log=log)
     except Exception as exc:  # noqa: BLE001 - its cells are reported failed; other inits go on
         log(f"[study] pretraining '{init.entry}' failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")

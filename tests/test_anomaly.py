@@ -14,7 +14,7 @@ from torch import nn
 from medmim.anomaly.memory import MemoryModule
 from medmim.anomaly.metrics import best_dice, image_metrics, operating_point, pixel_metrics, threshold_at_specificity
 from medmim.anomaly.model import MemoryMAE
-from medmim.anomaly.outputs import save_nifti_map, to_picture
+from medmim.anomaly.outputs import save_nifti_map
 from medmim.anomaly.scoring import (ScoreSettings, anomaly_maps, covering_masks, error_map, gaussian_filter,
                                     image_scores, min_masks, ssim_map)
 from medmim.masking import num_masked
@@ -187,6 +187,20 @@ def test_score_rises_with_lesion_contrast_trained_mae():
     assert scores[-1] > 3 * scores[0]
 
 
+def test_scorer_works_with_spark_cnn():
+    """The scorer only needs the Pretext contract: SparK on a ResNet works as MAE does."""
+    from medmim.models import build_encoder
+    from medmim.models.spark import SparK
+
+    torch.manual_seed(0)
+    enc = build_encoder("resnet18", spatial_dims=2, img_size=64, width=8)
+    model = SparK(enc, mask_ratio=0.5, backend="dense", norm_pix_loss=False, decoder_width=16).eval()
+    settings = ScoreSettings(num_masks=2, mask_ratio=0.5, error="l2")
+    out = anomaly_maps(model, torch.rand(2, 1, 64, 64), settings, errors=("l2", "ssim"))
+    assert out["l2"].shape == out["ssim"].shape == (2, 64, 64)
+    assert (out["hidden_count"] >= 1).all() and torch.isfinite(out["ssim"]).all()
+
+
 # ---- memory -----------------------------------------------------------------------------------------
 def test_memory_module_sparse_convex_addressing():
     torch.manual_seed(0)
@@ -250,24 +264,19 @@ def test_nifti_map_round_trips_source_geometry(tmp_path):
     assert data[lesion_vox].mean() > 5 * data[~lesion_vox].mean()
 
 
-def test_png_maps_come_back_in_picture_orientation(tmp_path):
+def test_png_maps_are_in_picture_orientation(tmp_path):
+    """The loader keeps a PNG in (row, column) order, so a 2D map is drawn without transposing."""
     from PIL import Image
 
     from medmim.config import DataConfig
     from medmim.data.dataset import deterministic_transforms
 
-    pic = np.zeros((12, 20), np.uint8)  # rows x columns
-    pic[3, 15] = 255
+    pic = np.zeros((20, 20), np.uint8)
+    pic[3:5, 14:17] = 255  # rows 3-4, columns 14-16
     Image.fromarray(pic).save(tmp_path / "p.png")
     dc = DataConfig(source="manifest", path="unused.csv", spatial_dims=2, image_size=20, modality="xray")
-    # keep the size: only check the orientation the loader hands to the network
-    net = deterministic_transforms(dc.model_copy(update={"image_size": 20}), "uint8", False)
-    from monai import transforms as mt
-
-    raw = mt.LoadImage(image_only=True)(str(tmp_path / "p.png"))
-    assert tuple(raw.shape) == (20, 12)  # MONAI: (width, height)
-    assert tuple(np.argwhere(to_picture(np.asarray(raw), True) > 0)[0]) == (3, 15)
-    assert net is not None
+    x = deterministic_transforms(dc, "uint8", False)({"image": str(tmp_path / "p.png")})["image"][0]
+    assert np.array_equal(np.argwhere(x.numpy() > 0.5), np.argwhere(pic > 0))
 
 
 # ---- the CLI, end to end on tiny phantoms ------------------------------------------------------------
@@ -276,15 +285,17 @@ TINY = ["run.num_threads=1", "encoder.embed_dim=32", "encoder.depth=1", "encoder
         "anomaly.max_heatmaps=4"]
 
 
-def test_cli_train_and_score_2d_phantoms(tmp_path, capsys):
+def test_cli_train_and_score_2d_phantoms_with_memory(tmp_path):
     from medmim.cli import main
 
     args = ["anomaly", "train", "-c", "anomaly_phantoms", f"run.out_dir={tmp_path}", "run.name=a2",
             f"data.phantoms.out_dir={tmp_path / 'ph'}", "data.phantoms.n_patients=16", "data.image_size=32",
-            "data.phantoms.size_2d=32", "encoder.patch_size=8", *TINY]
+            "data.phantoms.size_2d=32", "encoder.patch_size=8", "anomaly.memory=true", "anomaly.memory_slots=8",
+            *TINY]
     assert main(args) == 0
     run = tmp_path / "a2"
     side = json.loads((run / "anomaly_model.json").read_text())
+    assert side["memory"] is True
     assert (run / "anomaly_model.safetensors").exists()
     assert set(side["thresholds"]) == {"l2", "l1", "ssim"} and side["threshold"] == side["thresholds"]["l2"]
     assert main(["anomaly", "score", "--run-dir", str(run)]) == 0

@@ -160,7 +160,6 @@ def test_sigkill_mid_grid_resumes_without_redoing_cells(tmp_path, phantoms):
     with exactly the results of an uninterrupted run."""
     study = {"inits": ["mae", "scratch"], "fractions": [0.5, 1.0], "seeds": [0]}
     raw = tiny_raw(tmp_path, phantoms, "killed", **study)
-    raw["finetune"]["epochs"] = 3
     cfg_path = tmp_path / "killed.yaml"
     cfg_path.write_text(yaml.safe_dump(raw))
     out = tmp_path / "runs" / "killed"

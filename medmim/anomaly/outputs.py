@@ -5,8 +5,8 @@ Geometry: images reach the network through the deterministic data chain (3D: reo
 ``data.image_size``). A 3D map goes back through the inverse of each of those steps (MONAI's
 transform tracking) onto the source volume's voxel grid, and is written with the source's affine,
 so it overlays the source in any viewer. Sources without geometry (MedMNIST arrays) get an identity
-affine. 2D PNG sources are read by MONAI as (width, height); the overlays are transposed back so
-they look like the source picture.
+affine. 2D images arrive as (rows, columns) -- medmim's reader keeps PNG/JPEG in picture order --
+so a 2D overlay is drawn as it is and looks like the source picture.
 """
 
 from __future__ import annotations
@@ -32,28 +32,22 @@ def write_scores_csv(path: str | Path, rows: Sequence[dict]) -> Path:
     return path
 
 
-def to_picture(arr: np.ndarray, from_png: bool) -> np.ndarray:
-    """A 2D network-space array in the source picture's (row, column) order: MONAI reads PNG/JPEG
-    files as (width, height), so those are transposed back; in-memory arrays are already (H, W)."""
-    return arr.T if from_png else arr
-
-
 def save_overlay_png(path: str | Path, image: np.ndarray, amap: np.ndarray, *, lesion: np.ndarray | None = None,
-                     title: str = "", vmax: float | None = None, transpose: bool = False) -> Path:
+                     title: str = "", vmax: float | None = None) -> Path:
     """Three panels: the input, the anomaly map over it, and (if given) the true lesion outline."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    img, m = to_picture(np.asarray(image, np.float32), transpose), to_picture(np.asarray(amap, np.float32), transpose)
+    img, m = np.asarray(image, np.float32), np.asarray(amap, np.float32)
     fig, axes = plt.subplots(1, 2, figsize=(5.2, 2.8), dpi=100)
     axes[0].imshow(img, cmap="gray", vmin=0, vmax=1)
     axes[0].set_title("input", fontsize=8)
     axes[1].imshow(img, cmap="gray", vmin=0, vmax=1)
     hm = axes[1].imshow(m, cmap="jet", alpha=0.45, vmin=0, vmax=vmax if vmax is not None else float(m.max()) or 1.0)
     if lesion is not None and np.any(lesion):
-        axes[1].contour(to_picture(np.asarray(lesion, np.float32), transpose), levels=[0.5], colors="white",
+        axes[1].contour(np.asarray(lesion, np.float32), levels=[0.5], colors="white",
                         linewidths=0.8)
     axes[1].set_title("anomaly map" + (" + lesion" if lesion is not None and np.any(lesion) else ""), fontsize=8)
     fig.colorbar(hm, ax=axes[1], fraction=0.046, pad=0.04)

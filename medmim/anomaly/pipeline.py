@@ -312,7 +312,7 @@ def _write_heatmaps(cfg: Config, dest: Path, items, meta, maps: torch.Tensor, ki
         if cfg.data.spatial_dims == 2:
             lesion = items[i]["lesion"].numpy() if "lesion" in items[i] else None
             save_overlay_png(dest / "heatmaps" / f"{i:05d}_{tag}.png", items[i]["image"][0].numpy(),
-                             maps[i].numpy(), lesion=lesion, vmax=vmax, transpose=meta[i]["from_file"],
+                             maps[i].numpy(), lesion=lesion, vmax=vmax,
                              title=f"#{i} {tag}, {kind} map")
         else:
             save_nifti_map(dest / "maps" / f"{i:05d}_{tag}.nii.gz", maps[i], meta[i]["loader_input"], cfg.data,

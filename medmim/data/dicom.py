@@ -25,7 +25,7 @@ import hashlib
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Iterable
 
 import numpy as np
 
@@ -405,5 +405,3 @@ def header_summary(path: str | Path) -> dict:
             "spacing": [float(v) for v in sp] if sp is not None else None,
             "slice_thickness": _num(ds.get("SliceThickness"), 0.0) or None}
 
-
-LoaderFn = Callable[[Path], np.ndarray]

@@ -13,6 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from medmim.io import atomic_path  # noqa: E402
 
 _STYLE = {"full": "-", "linear": "--"}
+BOUNDED = ("auroc", "accuracy", "balanced_accuracy", "ap", "dice")
 
 
 def plot_label_efficiency(summary: list[dict], metric: str, path: str | Path, title: str | None = None) -> Path:
@@ -37,6 +38,8 @@ def plot_label_efficiency(summary: list[dict], metric: str, path: str | Path, ti
               for p in pts]
         hi = [p["ci95_high"] if _finite(p.get("ci95_high")) else p[f"{metric}_mean"] + (p[f"{metric}_std"] or 0)
               for p in pts]
+        if metric in BOUNDED:  # a t-interval of 2-3 seeds can leave [0, 1]; the metric cannot
+            lo, hi = [max(0.0, v) for v in lo], [min(1.0, v) for v in hi]
         c = colours[init]
         ax.plot(x, y, _STYLE.get(mode, ":"), marker="o", color=c, label=f"{init} ({mode})")
         ax.fill_between(x, lo, hi, color=c, alpha=0.15, linewidth=0)

@@ -86,16 +86,14 @@ class DifficultyPredictor(nn.Module):
         return self.net(tokens).squeeze(-1)
 
 
-def difficulty_loss(predicted: torch.Tensor, patch_loss: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def difficulty_loss(predicted: torch.Tensor, patch_loss: torch.Tensor) -> torch.Tensor:
     """Regress the predictor onto the per-sample standardised real loss of the hidden patches.
 
-    ``predicted`` and ``patch_loss`` are ``(B, N)``; ``mask`` is ``(B, N)`` bool (True = hidden, the
-    only patches with a real loss). ``patch_loss`` is detached here.
+    Both are ``(B, Nh)`` over the hidden patches (the only ones with a real loss); ``patch_loss``
+    is detached here. Standardising per sample makes the target a ranking signal, which is all the
+    mask generator uses.
     """
     target = patch_loss.detach()
-    m = mask.float()
-    n = m.sum(1, keepdim=True).clamp_min(1)
-    mean = (target * m).sum(1, keepdim=True) / n
-    std = (((target - mean) ** 2 * m).sum(1, keepdim=True) / n).sqrt().clamp_min(1e-6)
-    z = (target - mean) / std
-    return (((predicted - z) ** 2) * m).sum() / m.sum().clamp_min(1)
+    mean = target.mean(1, keepdim=True)
+    std = target.std(1, unbiased=False, keepdim=True).clamp_min(1e-6)
+    return ((predicted - (target - mean) / std) ** 2).mean()

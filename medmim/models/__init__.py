@@ -35,7 +35,7 @@ def encoder_from_config(enc: EncoderConfig, spatial_dims: int, img_size: int, in
         kw = dict(patch_size=enc.patch_size, embed_dim=enc.embed_dim, depth=enc.depth,
                   num_heads=enc.num_heads, drop_path_rate=enc.drop_path)
     else:
-        kw = dict(width=enc.width, small_input=enc.small_input, drop_path=enc.drop_path)
+        kw = dict(width=enc.width, small_input=enc.small_input, drop_path=enc.drop_path, num_stages=enc.num_stages)
     return build_encoder(enc.name, spatial_dims=spatial_dims, in_channels=in_channels, img_size=img_size, **kw)
 
 
@@ -55,10 +55,15 @@ def build_pretext(cfg: PretrainConfig, encoder: nn.Module) -> nn.Module:
     if method == "spark":
         from medmim.models.spark import SparK
 
-        if not hasattr(encoder, "stages") and encoder.__class__.__name__ == "ViT":
+        if cfg.masking == "loss_guided":
+            raise ConfigError("pretrain.masking 'loss_guided' needs a difficulty predictor on tokens; it is "
+                              "implemented for 'mae' only (use random, block or noise_* with 'spark')")
+        if encoder.__class__.__name__ == "ViT":
             raise ConfigError("pretrain.method 'spark' needs a CNN encoder (resnet18, resnet50, convnext_tiny)")
+        from medmim.masking import build_mask_generator
+
         return SparK(encoder, mask_ratio=cfg.mask_ratio, backend=cfg.backend, norm_pix_loss=cfg.norm_pix_loss,
-                     decoder_width=cfg.decoder_dim)
+                     decoder_width=cfg.decoder_dim, mask_generator=build_mask_generator(cfg.masking, cfg.mask_ratio))
     if method == "simclr":
         from medmim.models.simclr import SimCLR
 

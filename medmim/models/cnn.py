@@ -364,7 +364,8 @@ def build_cnn(name: str, spatial_dims: int = 2, in_channels: int = 1, **kw) -> n
     """Build ``resnet18``, ``resnet50`` or ``convnext_tiny`` for 2D or 3D images.
 
     Keyword options: ``width`` / ``base_channels`` (tiny test models), ``small_input``,
-    ``num_stages``, ``drop_path``; ConvNeXt also ``kernel_size``, ``layer_scale``, ``depths`` (shallow test nets). ``img_size`` is accepted and
+    ``num_stages``, ``drop_path``; ConvNeXt also ``kernel_size``, ``layer_scale``, ``depths``
+    (shallow test nets). ``img_size`` is accepted and
     ignored (CNNs are size-agnostic), so the generic ``build_encoder`` can pass it.
     """
     kw.pop("img_size", None)

@@ -12,8 +12,9 @@ encoder pass, which is what the MAE bench compares against.
 
 Both follow the Pretext contract (docs/contracts.md): ``forward(x, mask=None)`` returns a dict with
 ``loss``, ``mask`` ``(B, *grid)`` bool, ``recon`` ``(B, C, *spatial)`` (prediction at hidden patches,
-the input pasted back at visible ones; detached, for display) and ``pred`` ``(B, N, P)`` (the raw
-per-patch prediction, in normalised units when ``norm_pix_loss``; ``P = C * patch_size ** dims``).
+the input pasted back at visible ones; detached, for display) and ``pred`` ``(B, N, P)`` (detached
+per-patch predictions, in normalised units when ``norm_pix_loss``; ``P = C * patch_size ** dims``).
+MAE predicts the hidden patches only (``pred`` is zero at visible ones); SimMIM predicts them all.
 """
 
 from __future__ import annotations
@@ -138,8 +139,14 @@ class MAE(nn.Module):
             return self.decoder_pos_embed
         return sincos_position_embedding(grid, self.decoder_dim).unsqueeze(0).to(self.decoder_pos_embed)
 
-    def decode(self, latent: torch.Tensor, ids_keep: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
-        """Encoded visible tokens ``(B, Nv, D)`` -> per-patch pixel predictions ``(B, N, P)``."""
+    def decode(self, latent: torch.Tensor, ids_keep: torch.Tensor, ids_hidden: torch.Tensor,
+               grid: tuple[int, ...]) -> torch.Tensor:
+        """Encoded visible tokens ``(B, Nv, D)`` -> pixel predictions of the hidden patches
+        ``(B, Nh, P)``, in the order of ``ids_hidden``.
+
+        The decoder blocks see the whole grid (visible tokens + mask tokens); the final norm and the
+        pixel head run on the hidden positions only, the only ones the loss looks at.
+        """
         y = self.decoder_embed(latent)
         b, n, dd = y.shape[0], math.prod(grid), y.shape[-1]
         full = self.mask_token.to(y.dtype).expand(b, n, dd)
@@ -147,7 +154,7 @@ class MAE(nn.Module):
         full = full + self._decoder_pos(grid)
         for blk in self.decoder_blocks:
             full = blk(full)
-        return self.decoder_pred(self.decoder_norm(full))
+        return self.decoder_pred(self.decoder_norm(_gather(full, ids_hidden)))
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
                 generator: torch.Generator | None = None,
@@ -167,38 +174,37 @@ class MAE(nn.Module):
             if mask is None:
                 mask = self.mask_generator(b, grid, scores=difficulty.detach(), generator=generator,
                                            device=x.device)
-            ids_keep, _ = visible_indices(mask)
+            ids_keep, ids_hidden = visible_indices(mask)
             visible = _gather(tokens, ids_keep)
         else:
             # plain MAE: only the visible patches are ever embedded
             if mask is None:
                 mask = self.mask_generator(b, grid, generator=generator, device=x.device)
-            ids_keep, _ = visible_indices(mask)
+            ids_keep, ids_hidden = visible_indices(mask)
             visible = self.encoder.embed_visible(x, ids_keep)
         latent = self.encoder.forward_tokens(visible)
-        pred = self.decode(latent, ids_keep, grid)
+        pred_hidden = self.decode(latent, ids_keep, ids_hidden, grid)  # (B, Nh, P)
 
         target = patchify(x if target is None else target, self.patch_size)
+        target_hidden = _gather(target, ids_hidden)
         if self.norm_pix_loss:
-            target_n, mean, std = _normalise_patches(target)
-        else:
-            target_n = target
-        hidden = mask.reshape(b, -1)
-        patch_loss = ((pred - target_n) ** 2).mean(-1)  # (B, N)
-        weights = hidden.to(patch_loss.dtype)  # masked mean without a boolean gather (no GPU sync)
-        recon_loss = (patch_loss * weights).sum() / weights.sum()
-        out = {"recon_loss": recon_loss.detach(), "mask": mask, "pred": pred}
+            target_hidden, mean, std = _normalise_patches(target_hidden)
+        loss_hidden = ((pred_hidden - target_hidden) ** 2).mean(-1)  # (B, Nh): one value per patch
+        recon_loss = loss_hidden.mean()
+        out = {"recon_loss": recon_loss.detach(), "mask": mask}
         loss = recon_loss
         if difficulty is not None:
-            d_loss = difficulty_loss(difficulty, patch_loss, hidden)
+            d_loss = difficulty_loss(torch.gather(difficulty, 1, ids_hidden), loss_hidden)
             loss = loss + self.mask_generator.predictor_weight * d_loss
             out["difficulty_loss"] = d_loss.detach()
         out["loss"] = loss
 
         with torch.no_grad():
-            pix = pred.detach() * std + mean if self.norm_pix_loss else pred.detach()
-            pix = torch.where(hidden.unsqueeze(-1), pix.to(target.dtype), target)
-            out["recon"] = unpatchify(pix, self.patch_size, grid, self.in_channels)
+            idx = ids_hidden.unsqueeze(-1).expand(-1, -1, target.shape[-1])
+            pred = pred_hidden.detach().to(target.dtype)
+            out["pred"] = torch.zeros_like(target).scatter(1, idx, pred)
+            pix = pred * std + mean if self.norm_pix_loss else pred
+            out["recon"] = unpatchify(target.scatter(1, idx, pix), self.patch_size, grid, self.in_channels)
         return out
 
 

@@ -12,7 +12,7 @@ from typing import Any, Callable
 import torch
 
 from medmim.config import Config
-from medmim.data.dataset import DataBundle, augment_transforms, make_loader, materialize
+from medmim.data.dataset import DataBundle, augment_transforms, make_loader, materialize, pretrain_transforms
 from medmim.data.splits import label_fraction
 from medmim.errors import MedmimError
 from medmim.models import build_pretext, encoder_from_config
@@ -44,7 +44,8 @@ def pretrain_stage(cfg: Config, data: DataBundle, run: RunDir, runtime: Runtime,
         it.pop("label", None)
     info = current()
     loader = make_loader(items, pc.batch_size, shuffle=True, seed=cfg.run.seed,
-                         augment=augment_transforms(cfg.data, False) if pc.method == "simclr" else None,
+                         augment=augment_transforms(cfg.data, False, stage="pretrain") if pc.method == "simclr"
+                         else pretrain_transforms(cfg.data),
                          drop_last=True, rank=info.rank, world_size=info.world_size)
     encoder = build_encoder_for(cfg)
     pretext = build_pretext(pc, encoder)
