@@ -105,6 +105,7 @@ class PretrainConfig(OptimSettings):
     method: Literal["mae", "spark", "simclr", "none"] = "mae"
     mask_ratio: float = Field(0.75, gt=0, lt=1)
     masking: Literal["random", "block", "noise_low", "noise_high", "noise_band", "loss_guided"] = "random"
+    masking_kw: dict[str, Any] = {}  # extra mask-generator options, e.g. {min_block: 4} or {cutoff: 0.2}
     norm_pix_loss: bool = True
     decoder_dim: int = Field(128, ge=8)
     decoder_depth: int = Field(2, ge=1)

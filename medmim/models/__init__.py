@@ -39,18 +39,26 @@ def encoder_from_config(enc: EncoderConfig, spatial_dims: int, img_size: int, in
     return build_encoder(enc.name, spatial_dims=spatial_dims, in_channels=in_channels, img_size=img_size, **kw)
 
 
+def _mask_generator(cfg: PretrainConfig):
+    from medmim.masking import build_mask_generator
+
+    try:
+        return build_mask_generator(cfg.masking, cfg.mask_ratio, **cfg.masking_kw)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"pretrain.masking_kw: {exc} (masking '{cfg.masking}')") from None
+
+
 def build_pretext(cfg: PretrainConfig, encoder: nn.Module) -> nn.Module:
     """A pretext module around ``encoder`` (Pretext contract)."""
     method = cfg.method
     if method == "mae":
-        from medmim.masking import build_mask_generator
         from medmim.models.mae import MAE
 
         if encoder.__class__.__name__ != "ViT":
             raise ConfigError("pretrain.method 'mae' needs a ViT encoder (encoder.name vit_*); "
                               "use 'spark' for CNN encoders")
         return MAE(encoder, decoder_dim=cfg.decoder_dim, decoder_depth=cfg.decoder_depth,
-                   mask_generator=build_mask_generator(cfg.masking, cfg.mask_ratio),
+                   mask_generator=_mask_generator(cfg),
                    norm_pix_loss=cfg.norm_pix_loss)
     if method == "spark":
         from medmim.models.spark import SparK
@@ -60,10 +68,9 @@ def build_pretext(cfg: PretrainConfig, encoder: nn.Module) -> nn.Module:
                               "implemented for 'mae' only (use random, block or noise_* with 'spark')")
         if encoder.__class__.__name__ == "ViT":
             raise ConfigError("pretrain.method 'spark' needs a CNN encoder (resnet18, resnet50, convnext_tiny)")
-        from medmim.masking import build_mask_generator
 
         return SparK(encoder, mask_ratio=cfg.mask_ratio, backend=cfg.backend, norm_pix_loss=cfg.norm_pix_loss,
-                     decoder_width=cfg.decoder_dim, mask_generator=build_mask_generator(cfg.masking, cfg.mask_ratio))
+                     decoder_width=cfg.decoder_dim, mask_generator=_mask_generator(cfg))
     if method == "simclr":
         from medmim.models.simclr import SimCLR
 
