@@ -275,9 +275,10 @@ def stage_fingerprint(cfg: Config, sections: tuple[str, ...]) -> str:
     """A short hash of the config sections that decide a stage's result (run name/paths excluded)."""
     import hashlib
 
-    dump = cfg.model_dump(mode="json")
-    dump["data"].pop("num_workers", None)
-    picked = {k: dump[k] for k in sections}
+    # non-default values only: a new config field (with its default) does not invalidate old studies
+    dump = cfg.model_dump(mode="json", exclude_defaults=True)
+    dump.get("data", {}).pop("num_workers", None)
+    picked = {k: dump.get(k, {}) for k in sections}
     picked["seed"] = cfg.run.seed
     return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -290,7 +291,7 @@ def check_stage(run: RunDir, fingerprint: str) -> None:
         if old != fingerprint:
             raise MedmimError(f"{run.path}: written under a different config (fingerprint {old}, now "
                               f"{fingerprint}); use a new run.name, or delete this folder to redo it")
-    elif any(run.path.iterdir()) if run.path.exists() else False:
+    elif run.path.exists() and any(p.name not in ("error.txt",) for p in run.path.iterdir()):
         return  # written before fingerprints existed: trusted as is
     elif run.writer:
         write_json(f, {"fingerprint": fingerprint})

@@ -205,3 +205,39 @@ def test_sigkill_mid_grid_resumes_without_redoing_cells(tmp_path, phantoms):
     got = json.loads((out / "results.json").read_text())
     key = lambda r: {k: v for k, v in r.items() if k != "weights_report"}  # noqa: E731
     assert [key(r) for r in got] == [key(json.loads(json.dumps(r))) for r in ref_rows]
+
+
+def test_progress_eta_counts_only_computed_cells():
+    logs = []
+    prog = le.Progress(4, logs.append, fancy=False)
+    with prog:
+        prog.advance("a: auroc 0.9", 100.0, cached=True)   # resumed: costs nothing, says so
+        prog.advance("b: auroc 0.8", 10.0, cached=False)
+        prog.advance("c: FAILED: x", 20.0, cached=False)
+    assert logs[0] == "[study] cell 1/4 a: auroc 0.9 (done before) (ETA ?)"
+    assert logs[1].endswith("(ETA 0m20s)") and logs[2].endswith("(ETA 0m15s)")
+
+
+def test_progress_rich_bar_runs(capsys):
+    with le.Progress(2, print, fancy=True) as prog:
+        prog.status("cell x")
+        prog.advance("x: auroc 0.5", 1.0, cached=False)
+        prog.log("a log line")
+    out = capsys.readouterr().out
+    assert "a log line" in out and "cell 1/2" in out
+
+
+def test_stage_fingerprint_guards_against_a_changed_config(tmp_path):
+    from medmim.train.rundir import RunDir
+
+    cfg = load_config(None, [])
+    fp = le.stage_fingerprint(cfg, ("data", "encoder", "finetune"))
+    assert fp == le.stage_fingerprint(with_overrides(cfg, ["run.name=other", "study.seeds=[0,1,2]"]),
+                                      ("data", "encoder", "finetune"))  # names and the grid do not matter
+    changed = le.stage_fingerprint(with_overrides(cfg, ["finetune.lr=0.01"]), ("data", "encoder", "finetune"))
+    assert changed != fp
+    run = RunDir.create(tmp_path / "cell")
+    le.check_stage(run, fp)  # a fresh folder records its fingerprint
+    le.check_stage(run, fp)  # the same config resumes
+    with pytest.raises(le.MedmimError, match="different config"):
+        le.check_stage(run, changed)

@@ -32,10 +32,12 @@ class MemoryMAE(MAE):
         self.entropy_weight = float(entropy_weight)
         self._weights: torch.Tensor | None = None  # addressing of the current forward only
 
-    def decode(self, latent: torch.Tensor, ids_keep: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
+    def decode(self, latent: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """Re-express the encoded visible tokens through the memory, then MAE's own decoder (whatever
+        else MAE.decode takes -- visible/hidden indices, grid -- is passed through unchanged)."""
         z_hat, w = self.memory(latent)
         self._weights = w
-        return super().decode(z_hat, ids_keep, grid)
+        return super().decode(z_hat, *args, **kwargs)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, generator: torch.Generator | None = None,
                 target: torch.Tensor | None = None) -> dict[str, torch.Tensor]:

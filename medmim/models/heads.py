@@ -114,9 +114,9 @@ def layer_decay_groups(model: nn.Module, weight_decay: float, layer_decay: float
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        rel = name[len(prefix):] if prefix and name.startswith(prefix) else None
-        layer = ids.get(rel, num_layers - 1) if rel is not None else (
-            ids.get(name, num_layers - 1) if encoder is model else num_layers - 1)
+        # the name relative to the encoder; None for heads and decoders (they sit at the top)
+        rel = name if not prefix else (name[len(prefix):] if name.startswith(prefix) else None)
+        layer = ids.get(rel, num_layers - 1) if rel is not None else num_layers - 1
         no_decay = (p.ndim <= 1 or name.endswith(".bias") or "pos_embed" in name or "token" in name
                     or (rel is not None and rel in skip))
         key = (layer, no_decay)

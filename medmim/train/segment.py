@@ -14,7 +14,6 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 from monai import transforms as mt
 from torch import nn
