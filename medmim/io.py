@@ -48,11 +48,17 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 def append_jsonl(path: str | os.PathLike, obj: Any) -> None:
-    """Append one JSON record as a line (flushed and fsynced)."""
+    """Append one JSON record as a line (flushed and fsynced). A last line left unfinished by a
+    killed process is ended first, so that it cannot swallow this record."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    lead = ""
+    if path.exists() and path.stat().st_size:
+        with open(path, "rb") as fh:
+            fh.seek(-1, os.SEEK_END)
+            lead = "" if fh.read(1) == b"\n" else "\n"
     with open(path, "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(obj, sort_keys=True, default=str) + "\n")
+        fh.write(lead + json.dumps(obj, sort_keys=True, default=str) + "\n")
         fh.flush()
         os.fsync(fh.fileno())
 

@@ -133,6 +133,9 @@ class Predictor:
         patch = cfg.finetune.seg_patch_size
         self.roi = (patch,) * self.spatial_dims if patch and patch < cfg.data.image_size else self.image_size
         self.preset = preset
+        # MedMNIST arrays are (row, column); MONAI reads picture files as (x, y) = (column, row).
+        # A model trained on npz arrays gets pictures in the npz layout.
+        self.rowcol_pictures = cfg.data.source == "medmnist"
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         from monai import transforms as mt
@@ -197,6 +200,10 @@ class Predictor:
         if arr.shape[0] != c:
             raise DataError(f"the model takes {c} channel(s), this image has {arr.shape[0]} (array shape {shape})")
         arr = arr.float()
+        meta["rowcol"] = False
+        if self.rowcol_pictures and d == 2 and _suffix(path) in PICTURE_SUFFIXES:
+            arr = arr.transpose(1, 2)
+            meta["rowcol"] = True
         if not torch.isfinite(arr).all():
             raise DataError("image holds NaN or Inf values")
         arr = torch.as_tensor(np.asarray(self._intensity({"image": arr})["image"]), dtype=torch.float32)
@@ -253,7 +260,8 @@ def write_mask(mask: np.ndarray, source: Path, meta: dict, out_path: Path) -> Pa
         out_path = out_path.with_name(out_path.name.replace(".nii.gz", ".png"))
         with atomic_path(out_path) as tmp:
             # MONAI's PIL reader indexes (x, y); a picture is stored (row, column)
-            Image.fromarray(np.ascontiguousarray(mask.T)).save(tmp, format="PNG")
+            rows_cols = mask if meta.get("rowcol") else mask.T
+            Image.fromarray(np.ascontiguousarray(rows_cols)).save(tmp, format="PNG")
         return out_path
     if suffix in NIFTI_SUFFIXES:
         src = nib.load(str(source))

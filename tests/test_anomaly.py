@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +14,7 @@ from medmim.anomaly.memory import MemoryModule
 from medmim.anomaly.metrics import best_dice, image_metrics, operating_point, pixel_metrics, threshold_at_specificity
 from medmim.anomaly.model import MemoryMAE
 from medmim.anomaly.outputs import save_nifti_map
-from medmim.anomaly.scoring import (ScoreSettings, anomaly_maps, covering_masks, error_map, gaussian_filter,
+from medmim.anomaly.scoring import (ScoreSettings, anomaly_maps, covering_masks, gaussian_filter,
                                     image_scores, min_masks, ssim_map)
 from medmim.masking import num_masked
 from medmim.models.mae import MAE

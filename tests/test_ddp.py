@@ -92,6 +92,8 @@ def test_two_gloo_processes_equal_one_process(tmp_path):
     ddp = torch.load(tmp_path / "ddp" / "ddp_out.pt", weights_only=True)
     ref_result, ref_params = _single(tmp_path / "one")
     assert ddp["spread"] == 0.0  # ranks agree exactly
+    print(f"[ddp] max |param(2 procs) - param(1 proc)| = "
+          f"{max(float((ddp['params'][k] - v).abs().max()) for k, v in ref_params.items()):.3g}")
     for k, v in ref_params.items():
         torch.testing.assert_close(ddp["params"][k], v, rtol=0, atol=TOL)
     one, two = metrics_of(tmp_path / "one"), metrics_of(tmp_path / "ddp")

@@ -302,3 +302,15 @@ def test_metrics_jsonl_survives_a_line_cut_short(tmp_path):
     assert run.read_metrics() == [{"stage": "s", "epoch": 0, "x": 1}]
     run.keep_metrics(lambda r: True)
     assert json.loads((tmp_path / "metrics.jsonl").read_text()) == {"stage": "s", "epoch": 0, "x": 1}
+
+
+def test_append_after_a_line_cut_short_keeps_the_new_record(tmp_path):
+    from medmim.io import append_jsonl
+
+    f = tmp_path / "m.jsonl"
+    append_jsonl(f, {"a": 1})
+    with open(f, "a") as fh:
+        fh.write('{"a": 2, "b')  # killed mid-append
+    append_jsonl(f, {"a": 3})
+    lines = f.read_text().splitlines()
+    assert json.loads(lines[0]) == {"a": 1} and json.loads(lines[-1]) == {"a": 3}

@@ -101,6 +101,25 @@ def test_png_mask_roundtrip(tmp_path):
     np.testing.assert_array_equal(out, (pic > 0).astype(np.uint8))
 
 
+def test_pictures_follow_the_training_layout(tmp_path):
+    """Pictures reach a MedMNIST-trained model as (row, column), like the npz arrays it trained on;
+    a model trained on picture files gets them as MONAI reads files; masks land on the picture either way."""
+    from PIL import Image
+
+    pic = np.zeros((20, 28), np.uint8)
+    pic[3:8, 10:21] = 255
+    Image.fromarray(pic).save(tmp_path / "xray.png")
+    cfg = load_config(None, ["data.source=medmnist", "data.path=x.npz", "data.image_size=16",
+                             "finetune.head=segment"])
+    npz_model = Predictor(Thresholder(), cfg, preset="uint8")
+    image, _ = npz_model.read(tmp_path / "xray.png")
+    np.testing.assert_array_equal(image[0].numpy(), pic / 255.0)
+    file_model = seg_predictor(2)
+    assert file_model.read(tmp_path / "xray.png")[0].shape == (1, 28, 20)
+    res = predict(None, [tmp_path / "xray.png"], tmp_path / "out", native=True, predictor=npz_model, progress=False)
+    np.testing.assert_array_equal(np.array(Image.open(res.outputs[0])), (pic > 0).astype(np.uint8))
+
+
 def test_predict_goes_on_past_bad_files(tmp_path):
     good = write_nifti(tmp_path / "good.nii.gz", cube_volume(), np.eye(4))
     corrupt = tmp_path / "corrupt.nii.gz"

@@ -218,3 +218,28 @@ def test_every_loader_in_the_package_is_safe():
             if bad in text:
                 offenders.append(f"{rel}: {bad}")
     assert not offenders, offenders
+
+
+@pytest.mark.parametrize("cut_at", [1, 2, 3])
+def test_every_step_of_a_checkpoint_write_leaves_a_loadable_pair(tmp_path, monkeypatch, cut_at):
+    """save_checkpoint renames three times (sidecar with both hashes, the file, sidecar with the new
+    hash). A process dying before any of them leaves the old or the new checkpoint, and its checksum
+    still matches. (test_fault_injection.py does the same with real SIGKILLs at random moments.)"""
+    path = save_checkpoint({"v": torch.tensor(1)}, tmp_path / "last.pt")
+    real_replace = os.replace
+    calls = []
+
+    def dying_replace(src, dst):
+        calls.append(dst)
+        if len(calls) == cut_at:
+            raise SystemExit("killed")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", dying_replace)
+    with pytest.raises(SystemExit):
+        save_checkpoint({"v": torch.tensor(2)}, path)
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert int(safe_torch_load(path)["v"]) == (2 if cut_at == 3 else 1)
+    save_checkpoint({"v": torch.tensor(3)}, path)  # and the next write works normally
+    assert int(safe_torch_load(path)["v"]) == 3
+    assert path.with_name("last.pt.sha256").read_text().split() == [sha256_file(path)]

@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 
 BACKENDS = ("dense", "sparse")
-KERNELS = ("torch", "spconv")
+KERNELS = ("torch", "gather", "spconv")
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _MAXPOOL = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
@@ -168,6 +168,7 @@ class MaskPlan:
         self._active: dict[int, torch.Tensor] = {}
         self._sites: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._rulebooks: dict[tuple, Rulebook] = {}
+        self._blocks: dict = {}
 
     def active(self, stride: int) -> torch.Tensor:
         """``(B, *spatial)`` bool: sites of the feature map of this stride that are visible."""
@@ -181,17 +182,73 @@ class MaskPlan:
             self._active[stride] = act.contiguous()
         return self._active[stride]
 
+    def cells(self) -> torch.Tensor:
+        """Visible cells of the mask grid, ``(Nc, 1 + d)`` int64 ``[b, z, y, x]``, row-major."""
+        if "cells" not in self._blocks:
+            self._blocks["cells"] = self.visible.nonzero()
+        return self._blocks["cells"]
+
     def sites(self, stride: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Active sites in canonical (row-major) order: ``indices`` (N, 1+d) int32 ``[b, z, y, x]``
-        and ``lookup`` (B, *spatial) int64 giving each site's row (-1 where hidden)."""
+        """Active sites in canonical (cell-major) order: ``indices`` (N, 1+d) int32 ``[b, z, y, x]``
+        and ``lookup`` (B, *spatial) int64 giving each site's row (-1 where hidden).
+
+        Cell-major: the visible cells in row-major order, and inside each cell its
+        ``(ratio / stride)^d`` sites in row-major order, so one cell's sites are consecutive rows
+        and ``(Nc * b^d, C)`` rows are ``(Nc, b, .., b, C)`` blocks without a copy."""
         if stride not in self._sites:
+            if self.ratio % stride:
+                raise ValueError(f"stride {stride} does not divide downsample_ratio {self.ratio}")
+            b, d = self.ratio // stride, self.spatial_dims
+            cells = self.cells()
+            local = torch.stack(torch.meshgrid(*[torch.arange(b, device=cells.device)] * d,
+                                               indexing="ij"), -1).reshape(-1, d)
+            coords = (cells[:, None, 1:] * b + local).reshape(-1, d)
+            batch = cells[:, :1].expand(-1, local.shape[0]).reshape(-1, 1)
+            # nonzero()-like int32 table; spconv reads raw memory, so keep it contiguous.
+            indices = torch.cat([batch, coords], 1).to(torch.int32).contiguous()
             act = self.active(stride)
-            # nonzero() may return a non-contiguous view; spconv reads raw memory, so copy.
-            indices = act.nonzero().to(torch.int32).contiguous()
             lookup = torch.full(act.shape, -1, dtype=torch.long, device=act.device)
-            lookup[act] = torch.arange(indices.shape[0], device=act.device)
+            lookup[(batch[:, 0], *coords.T)] = torch.arange(indices.shape[0], device=act.device)
             self._sites[stride] = (indices, lookup)
         return self._sites[stride]
+
+    def block_table(self, stride: int, kernel: int, conv_stride: int, padding: int,
+                    dilation: int = 1) -> tuple[torch.Tensor, int]:
+        """Input rows of each visible cell's conv window, for the block kernel (cached).
+
+        A conv (kernel, conv_stride, padding) on the stride-``stride`` map gives each visible
+        cell ``b_out^d`` outputs (``b_out = ratio / (stride * conv_stride)``); they read the input
+        window ``[cell * b_in - padding, + L)`` per axis, ``L = (b_out - 1) * conv_stride +
+        dilation * (kernel - 1) + 1`` (the cell plus a halo). Returns ``(table (Nc, L^d), L)``:
+        each window site's input row, ``N`` (one past the last row) where the site is hidden or
+        outside the image. For 1^d kernels without padding the window is the strided sample only
+        (``L = b_out``, read with stride 1).
+        """
+        key = ("table", stride, kernel, conv_stride, padding, dilation)
+        if key not in self._blocks:
+            d = self.spatial_dims
+            b_in = self.ratio // stride
+            if b_in % conv_stride:
+                raise ValueError(f"conv stride {conv_stride} does not divide the cell size {b_in} "
+                                 f"at stride {stride}")
+            b_out = b_in // conv_stride
+            indices, lookup = self.sites(stride)
+            cells = self.cells()
+            if kernel == 1 and padding == 0:
+                length, step = b_out, conv_stride
+            else:
+                length, step = (b_out - 1) * conv_stride + dilation * (kernel - 1) + 1, 1
+            ar = torch.arange(length, device=cells.device) * step
+            local = torch.stack(torch.meshgrid(*[ar] * d, indexing="ij"), -1).reshape(-1, d)
+            coords = cells[:, None, 1:] * b_in - padding + local  # (Nc, L^d, d)
+            shape = torch.tensor(lookup.shape[1:], device=cells.device)
+            inside = ((coords >= 0) & (coords < shape)).all(-1)
+            coords = torch.where(inside.unsqueeze(-1), coords, 0)
+            batch = cells[:, :1].expand(-1, coords.shape[1])
+            rows = lookup[(batch, *coords.unbind(-1))]
+            rows = torch.where(inside & (rows >= 0), rows, indices.shape[0])
+            self._blocks[key] = (rows.contiguous(), length)
+        return self._blocks[key]
 
     def spatial_shape(self, stride: int) -> list[int]:
         return list(self.active(stride).shape[1:])
@@ -380,6 +437,24 @@ class _RowMaxPool(torch.autograd.Function):
         return grad.scatter_add_(0, arg, grad_out.contiguous()), None
 
 
+def _block_gather(feat: torch.Tensor, table: torch.Tensor, length: int, spatial_dims: int,
+                  fill: float = 0.0) -> torch.Tensor:
+    """Rows -> one ``(Nc, C, L, .., L)`` block per visible cell (window of ``block_table``).
+
+    One ``index_select`` of ``Nc * L^d`` rows of the (fill-padded) features; the result is a
+    channels-last view, which torch's CPU convs (oneDNN) and pools read without a copy. Its
+    backward is one ``index_add_`` (the halo sites of neighbouring cells overlap)."""
+    src = torch.cat([feat, feat.new_full((1, feat.shape[1]), fill)])
+    cols = src.index_select(0, table.reshape(-1))
+    return cols.view(table.shape[0], *[length] * spatial_dims, feat.shape[1]).movedim(-1, 1)
+
+
+def _block_rows(y: torch.Tensor) -> torch.Tensor:
+    """``(Nc, C, b, .., b)`` conv output -> ``(Nc * b^d, C)`` cell-major rows (a view when
+    channels-last, as the convs here return it)."""
+    return y.movedim(1, -1).reshape(-1, y.shape[1])
+
+
 # --------------------------------------------------------------------------------------------
 # masked feature maps: the two backends
 # --------------------------------------------------------------------------------------------
@@ -448,6 +523,12 @@ class SparseMasked:
         kernel = weight.shape[-1]
         if any(k != kernel for k in weight.shape[2:]):
             raise NotImplementedError("masked convs need cubic kernels")
+        if groups != 1 and not (groups == out_ch and in_per_group == 1
+                                and self.features.shape[1] == groups):
+            raise NotImplementedError("masked convs support groups=1 or depthwise convs only")
+        if self.kernel == "torch":
+            return self._new(self._block_conv(weight, bias, stride, padding, groups),
+                             self.stride * stride)
         rb = self.plan.rulebook(self.stride, kernel, stride, padding)
         kv = kernel ** self.plan.spatial_dims
         if groups == 1:
@@ -457,15 +538,33 @@ class SparseMasked:
             else:
                 y = _RowConv.apply(self.features, weight.reshape(out_ch, in_per_group, kv)
                                    .permute(2, 1, 0).contiguous(), rb)
-        elif groups == out_ch and in_per_group == 1 and self.features.shape[1] == groups:
-            y = _RowConv.apply(self.features, weight.reshape(out_ch, kv).T.contiguous(), rb)
         else:
-            raise NotImplementedError("masked convs support groups=1 or depthwise convs only")
+            y = _RowConv.apply(self.features, weight.reshape(out_ch, kv).T.contiguous(), rb)
         if bias is not None:
             y = y + bias
         return self._new(y, self.stride * stride)
 
+    def _block_conv(self, weight, bias, stride, padding, groups) -> torch.Tensor:
+        """``kernel="torch"``: one dense torch conv over every visible cell's window (the cell
+        plus a halo), unpadded, so it computes exactly the active outputs."""
+        d, feat = self.plan.spatial_dims, self.features
+        kernel = weight.shape[-1]
+        if kernel == 1 and padding == 0 and groups == 1:  # pointwise: a GEMM on the rows
+            if stride > 1:
+                table, _ = self.plan.block_table(self.stride, 1, stride, 0)
+                feat = feat.index_select(0, table.reshape(-1))
+            return F.linear(feat, weight.reshape(weight.shape[0], -1), bias)
+        table, length = self.plan.block_table(self.stride, kernel, stride, padding)
+        blocks = _block_gather(feat, table, length, d)
+        return _block_rows(_CONV[d](blocks, weight, bias, stride, 0, 1, groups))
+
     def max_pool(self, kernel, stride, padding) -> "SparseMasked":
+        if self.kernel == "torch":
+            d = self.plan.spatial_dims
+            table, length = self.plan.block_table(self.stride, kernel, stride, padding)
+            blocks = _block_gather(self.features, table, length, d, fill=-math.inf)
+            return self._new(_block_rows(_MAXPOOL[d](blocks, kernel, stride, 0)),
+                             self.stride * stride)
         rb = self.plan.rulebook(self.stride, kernel, stride, padding)
         return self._new(_RowMaxPool.apply(self.features, rb), self.stride * stride)
 
@@ -505,7 +604,9 @@ def masked_input(x: torch.Tensor, mask: torch.Tensor, downsample_ratio: int,
     if backend == "sparse":
         if kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
-        return SparseMasked(x.movedim(1, -1)[act], 1, plan, kernel)
+        indices, _ = plan.sites(1)
+        rows = x.movedim(1, -1)[tuple(indices.long().T)]  # canonical (cell-major) row order
+        return SparseMasked(rows, 1, plan, kernel)
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
@@ -531,7 +632,19 @@ def batch_norm(h, fn: Callable[[torch.Tensor], torch.Tensor]):
     """Apply ``fn`` (a norm with batch statistics, taking ``(N, C)``) over active sites only."""
     if isinstance(h, torch.Tensor):
         return fn(h)
-    return h.rows(fn)
+    return h.rows(_rows_as_map(fn))
+
+
+def _rows_as_map(fn):
+    """Run a batch norm on ``(N, C)`` rows as the map ``(N, C, 1, 1)`` (a view): same statistics
+    (over N sites), about 2x faster forward+backward with torch 2.13 on CPU, where the 2D
+    ``(N, C)`` kernel walks each channel with stride C. (The transposed view ``(1, C, N, 1)``,
+    channels-last, is fast too but its batch-norm backward is wrong in torch 2.13 CPU.)"""
+    def run(rows: torch.Tensor) -> torch.Tensor:
+        if rows.dim() != 2:
+            return fn(rows)
+        return fn(rows[:, :, None, None])[:, :, 0, 0]
+    return run
 
 
 def pointwise(h, fn: Callable[[torch.Tensor], torch.Tensor]):
