@@ -58,9 +58,10 @@ def export_encoder(encoder: nn.Module, out_dir: str | Path, meta: dict[str, Any]
         **meta,
     }
     weights = out_dir / WEIGHTS_NAME
+    # sidecar first: a weights file never exists without its description
+    write_json(out_dir / SIDECAR_NAME, sidecar)
     with atomic_path(weights) as tmp:
         save_file(state, str(tmp), metadata={"format": "medmim-encoder-v1"})
-    write_json(out_dir / SIDECAR_NAME, sidecar)
     return weights
 
 

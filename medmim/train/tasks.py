@@ -17,7 +17,9 @@ class PretrainTask:
 
     def __init__(self, pretext: nn.Module):
         self.model = pretext
-        self.find_unused_parameters = True  # e.g. a loss-guided mask head not used every step
+        # DDP must tolerate parameters without gradients only where a pretext has optional parts
+        # (e.g. the loss-guided mask predictor); elsewhere the check costs time and warns
+        self.find_unused_parameters = getattr(pretext, "predictor", None) is not None
 
     def training_step(self, model, batch):
         out = model(batch["image"])
