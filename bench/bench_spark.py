@@ -9,7 +9,8 @@ Rows:
   * one full optimiser-free step (forward + backward) of SparK (ResNet-50, sparse) vs MAE
     (ViT-Small/16) on 8 x 224^2 -- ~23M vs ~22M encoder parameters.
   * peak RSS of one 3D SparK step (ResNet-18, 64^3, batch 4), measured in a fresh subprocess.
-Times are the minimum over repeats (the box may be shared). Results go to bench/results/spark.md.
+Steps that are compared are timed round-robin in one run (the box may be shared); each row gives
+the fastest repeat's wall time and its process CPU time. Results go to bench/results/spark.md.
 """
 
 from __future__ import annotations
@@ -36,46 +37,50 @@ from medmim.models.spark import SparK  # noqa: E402
 GOAL_RATIO, GOAL_RSS_GIB = 0.25, 4.0
 
 
-CPU_TIMES: dict[float, float] = {}  # wall-clock minimum -> process CPU time of that repeat
-
-
-def timed(fn, repeats):
-    """Minimum wall-clock seconds over ``repeats``; the same repeat's process CPU seconds are kept
-    in CPU_TIMES (on a shared, overloaded box CPU time is the steadier measure of work)."""
-    fn()  # warm-up (allocator, oneDNN primitives)
-    best, best_cpu = float("inf"), float("inf")
-    for _ in range(repeats):
-        t, c = time.perf_counter(), time.process_time()
-        fn()
-        wall, cpu = time.perf_counter() - t, time.process_time() - c
-        if wall < best:
-            best, best_cpu = wall, cpu
-    CPU_TIMES[best] = best_cpu
-    return best
-
-
-def encoder_step(enc, x, mask, backend):
+def encoder_step(enc, x, mask, backend, kernel="torch"):
     def run():
         enc.zero_grad(set_to_none=True)
-        feats = enc(x, mask, backend=backend) if mask is not None else enc(x)
+        feats = enc(x, mask, backend=backend, kernel=kernel) if mask is not None else enc(x)
         sum(f.float().mean() for f in feats).backward()
     return run
 
 
-def bench_encoder(d, batch, size, ratios, repeats):
+def interleaved(fns: dict, repeats):
+    """Time several steps round-robin (one warm-up each, then ``repeats`` rounds), so that load
+    changes on a shared box hit all of them alike. Returns {name: (min wall s, CPU s of it)}."""
+    for fn in fns.values():
+        fn()
+    best = {k: (float("inf"), float("inf")) for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t, c = time.perf_counter(), time.process_time()
+            fn()
+            wall, cpu = time.perf_counter() - t, time.process_time() - c
+            if wall < best[k][0]:
+                best[k] = (wall, cpu)
+    return best
+
+
+def bench_encoder(d, batch, size, ratios, repeats, kernels):
+    """Rows (name, wall, cpu, baseline (wall, cpu) or None)."""
     torch.manual_seed(0)
     enc = build_cnn("resnet18", spatial_dims=d)
     x = torch.randn(batch, 1, *[size] * d)
     grid = (size // enc.downsample_ratio,) * d
-    rows = [(f"{d}D resnet18 {batch}x{size}^{d} unmasked dense", timed(encoder_step(enc, x, None,
-                                                                                   None), repeats), None)]
-    for r in ratios:
+    tag = f"{d}D resnet18 {batch}x{size}^{d}"
+    rows = []
+    for i, r in enumerate(ratios):
         mask = random_mask(batch, grid, r, generator=torch.Generator().manual_seed(0))
-        t_dense = timed(encoder_step(enc, x, mask, "dense"), repeats)
-        t_sparse = timed(encoder_step(enc, x, mask, "sparse"), repeats)
-        rows.append((f"{d}D resnet18 {batch}x{size}^{d} mask {r:.0%} masked-dense", t_dense, None))
-        rows.append((f"{d}D resnet18 {batch}x{size}^{d} mask {r:.0%} sparse", t_sparse,
-                     t_sparse / t_dense))
+        vis = f"{int((~mask).sum())}/{mask.numel()} cells visible"
+        fns = {"masked-dense": encoder_step(enc, x, mask, "dense")}
+        fns.update({f"sparse kernel={k}": encoder_step(enc, x, mask, "sparse", k) for k in kernels})
+        if i == 0:
+            fns = {"unmasked dense": encoder_step(enc, x, None, None), **fns}
+        best = interleaved(fns, repeats)
+        base = best["masked-dense"]
+        for k, (wall, cpu) in best.items():
+            name = f"{tag} {k}" if k == "unmasked dense" else f"{tag} mask {r:.0%} ({vis}) {k}"
+            rows.append((name, wall, cpu, base if k.startswith("sparse") else None))
     return rows
 
 
@@ -89,14 +94,14 @@ def bench_pretexts(batch, size, repeats):
         spark(x)["loss"].backward()
 
     n_spark = sum(p.numel() for p in spark.encoder.parameters()) / 1e6
-    rows = [(f"SparK step resnet50 ({n_spark:.1f}M) 2D {batch}x{size}^2 sparse",
-             timed(spark_step, repeats), None)]
+    spark_name = f"SparK step resnet50 ({n_spark:.1f}M) 2D {batch}x{size}^2 sparse"
     try:
         from medmim.models.mae import MAE
         from medmim.models.vit import build_vit
     except ImportError as exc:
         print(f"MAE row skipped: medmim.models.mae not importable ({exc})")
-        return rows
+        (wall, cpu), = interleaved({"spark": spark_step}, repeats).values()
+        return [(spark_name, wall, cpu, None)]
     mae = MAE(build_vit("small", spatial_dims=2, img_size=size, patch_size=16), decoder_dim=256,
               decoder_depth=2)
 
@@ -105,14 +110,13 @@ def bench_pretexts(batch, size, repeats):
         mae(x)["loss"].backward()
 
     n_mae = sum(p.numel() for p in mae.encoder.parameters()) / 1e6
-    t_mae = timed(mae_step, repeats)
-    rows.append((f"MAE step vit_small/16 ({n_mae:.1f}M) 2D {batch}x{size}^2", t_mae, None))
-    # put MAE first so the SparK row's ratio is SparK / MAE
-    return [rows[1], (*rows[0][:2], rows[0][1] / t_mae)]
+    best = interleaved({"mae": mae_step, "spark": spark_step}, repeats)
+    return [(f"MAE step vit_small/16 ({n_mae:.1f}M) 2D {batch}x{size}^2", *best["mae"], None),
+            (spark_name, *best["spark"], best["mae"])]
 
 
 CHILD = """
-import resource, sys, time, torch
+import resource, sys, time, torch  # one SparK step (forward + backward) in a fresh process
 torch.set_num_threads(2)
 sys.path.insert(0, {repo!r})
 from medmim.models.cnn import build_cnn
@@ -138,48 +142,53 @@ def main():
     ap.add_argument("--quick", action="store_true", help="small inputs (smoke check)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default=str(REPO / "bench/results/spark.md"))
+    ap.add_argument("--kernels", default="torch,gather",
+                    help="sparse kernels timed in 3D (2D: the first only); e.g. torch,gather,spconv")
     args = ap.parse_args()
     torch.set_num_threads(2)
     s3, s2, b2, sp = (32, 64, 2, 64) if args.quick else (64, 224, 8, 224)
 
+    kernels = args.kernels.split(",")
+    load_start = os.getloadavg()
     rows = []
-    rows += bench_encoder(3, 2, s3, (0.6, 0.75), args.repeats)
-    rows += bench_encoder(2, b2, s2, (0.6, 0.75), args.repeats)
+    rows += bench_encoder(3, 2, s3, (0.6, 0.75), args.repeats, kernels)
+    rows += bench_encoder(2, b2, s2, (0.6, 0.75), args.repeats, kernels[:1])
     rows += bench_pretexts(b2, sp, args.repeats)
     rss_size = 32 if args.quick else 64
     rss = {b: bench_rss(4, rss_size, b) for b in ("sparse", "dense")}
 
     load = os.getloadavg()
+    command = " ".join([".venv/bin/python bench/bench_spark.py", *sys.argv[1:]])
     lines = [
         "# SparK benchmark",
         "",
         f"- date: {dt.datetime.now().isoformat(timespec='minutes')}",
         f"- machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, no GPU",
-        f"- load average when finished: {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} "
-        "(the box is shared: treat absolute times as noisy; ratios come from the same run)",
-        f"- command: `.venv/bin/python bench/bench_spark.py{' --quick' if args.quick else ''}`",
-        "- times: forward + backward, train mode, minimum of "
-        f"{args.repeats} repeats after a warm-up",
+        f"- load average at start: {load_start[0]:.1f} / {load_start[1]:.1f} / {load_start[2]:.1f}; "
+        f"when finished: {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} "
+        "(the box is shared: absolute times are noisy; ratios compare steps timed round-robin "
+        "in the same run, and CPU time is the steadier measure)",
+        f"- command: `{command}`",
+        "- times: forward + backward, train mode; each step warmed up once, then "
+        f"{args.repeats} round-robin repeats; the fastest repeat's wall time and the process CPU "
+        "time of that same repeat",
         "",
         "| what | wall s | ratio (wall) | CPU s | ratio (CPU) |",
         "|---|---:|---:|---:|---:|",
     ]
-    previous = None
-    for name, sec, ratio in rows:
-        cpu = CPU_TIMES.get(sec, float("nan"))
-        cpu_ratio = ""
-        if ratio is not None and previous is not None:
-            cpu_ratio = f"{cpu / previous:.2f}"
-        lines.append(f"| {name} | {sec:.3f} | {'' if ratio is None else f'{ratio:.2f}'} | "
-                     f"{cpu:.2f} | {cpu_ratio} |")
-        previous = cpu
+    for name, wall, cpu, base in rows:
+        rw = "" if base is None else f"{wall / base[0]:.2f}"
+        rc = "" if base is None else f"{cpu / base[1]:.2f}"
+        lines.append(f"| {name} | {wall:.3f} | {rw} | {cpu:.2f} | {rc} |")
     for backend, (sec, gib) in rss.items():
-        lines.append(f"| SparK step 3D resnet18 4x{rss_size}^3 {backend}: peak RSS {gib:.2f} GiB "
-                     f"| {sec:.3f} | | | |")
+        lines.append(f"| SparK step 3D resnet18 4x{rss_size}^3 {backend} (subprocess): peak RSS "
+                     f"{gib:.2f} GiB | {sec:.3f} | | | |")
     lines += [
         "",
-        "ratio: sparse / masked-dense for encoder rows; SparK step / MAE step for the SparK row.",
+        "ratio: sparse / masked-dense (same mask, same run) for encoder rows; SparK step / MAE "
+        "step for the SparK row. kernel=torch: a dense torch conv per visible cell plus halo "
+        "(default); kernel=gather: rulebook gather-GEMM (the previous default).",
         f"Goals: sparse <= {GOAL_RATIO} x masked-dense at 60% mask; peak RSS <= {GOAL_RSS_GIB} GiB.",
     ]
     text = "\n".join(lines) + "\n"

@@ -80,7 +80,7 @@ class EncoderConfig(Section):
     embed_dim: Optional[int] = Field(None, ge=8)  # ViT overrides for small experiments
     depth: Optional[int] = Field(None, ge=1)
     num_heads: Optional[int] = Field(None, ge=1)
-    width: Optional[int] = Field(None, ge=4)  # CNN base channels
+    width: Optional[int] = Field(None, ge=4)  # CNN channels of the first stage (64 in ResNet-18)
     small_input: bool = True  # CNN stem for small images (e.g. 28x28 MedMNIST)
     num_stages: Optional[int] = Field(None, ge=1, le=4)  # CNN stages (3 gives a 7x7 grid at 28x28 with small_input)
     drop_path: float = Field(0.0, ge=0, lt=1)

@@ -296,7 +296,8 @@ def test_cli_train_and_score_2d_phantoms_with_memory(tmp_path):
     side = json.loads((run / "anomaly_model.json").read_text())
     assert side["memory"] is True
     assert (run / "anomaly_model.safetensors").exists()
-    assert set(side["thresholds"]) == {"l2", "l1", "ssim"} and side["threshold"] == side["thresholds"]["l2"]
+    assert set(side["thresholds"]) == {"l2", "l1", "ssim"}
+    assert side["threshold"] == side["thresholds"][side["primary_error"]]
     assert main(["anomaly", "score", "--run-dir", str(run)]) == 0
     out = run / "scores_test"
     metrics = json.loads((out / "metrics.json").read_text())

@@ -35,7 +35,8 @@ def encoder_from_config(enc: EncoderConfig, spatial_dims: int, img_size: int, in
         kw = dict(patch_size=enc.patch_size, embed_dim=enc.embed_dim, depth=enc.depth,
                   num_heads=enc.num_heads, drop_path_rate=enc.drop_path)
     else:
-        kw = dict(width=enc.width, small_input=enc.small_input, drop_path=enc.drop_path, num_stages=enc.num_stages)
+        kw = dict(base_channels=enc.width, small_input=enc.small_input, drop_path=enc.drop_path,
+                  num_stages=enc.num_stages)
     return build_encoder(enc.name, spatial_dims=spatial_dims, in_channels=in_channels, img_size=img_size, **kw)
 
 
