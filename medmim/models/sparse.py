@@ -15,27 +15,39 @@ Two backends compute exactly these semantics with the same ``nn.Parameter`` tens
 
 ``"sparse"`` (:class:`SparseMasked`)
     Only active sites are stored, as the rows of a ``spconv`` ``SparseConvTensor`` (features
-    ``(N, C)``, indices ``(N, 1 + spatial_dims)`` int32, row-major order). spconv builds the
-    rulebooks (which input row feeds which output row through which kernel offset), one per
-    (stride, kernel) and cached for the whole forward, so every stride-1 conv with the same kernel
-    at the same resolution shares one rulebook -- what spconv calls a shared ``indice_key``.
-    Stride-1 convs are submanifold (outputs only at active sites). Strided convs and max-pools use
-    spconv's regular sparse-conv rulebook, restricted to the sites active at the output stride (a
-    regular sparse conv also creates outputs on the border of the visible region; masked semantics
-    drops them) and put in the canonical row-major order so that residual branches line up.
+    ``(N, C)``, indices ``(N, 1 + spatial_dims)`` int32) in *cell-major* order: the visible mask
+    cells in row-major order, and inside each cell its ``(ratio / stride)^d`` sites row-major.
+    Active sites always come in whole cells, which the default arithmetic exploits.
 
 Why the sparse backend reads the torch weights instead of owning spconv modules: the encoder is
 written once with ordinary torch layouts (``(out, in, *kernel)``), so its ``state_dict`` is a plain
-CNN checkpoint that fine-tuning loads without conversion. The sparse path rearranges the same
-parameter on every call (``weight.reshape(O, C, kv).permute(2, 1, 0)``, a differentiable view
-copy), so gradients land on the single torch parameter.
+CNN checkpoint that fine-tuning loads without conversion; gradients land on that one parameter.
 
-The arithmetic (gather, GEMM, scatter-add per kernel offset) runs in torch by default
-(``kernel="torch"``): the same code on CPU and CUDA. ``kernel="spconv"`` hands stride-1 and strided
-convs to spconv's own kernels instead (for CUDA servers with ``spconv-cu12x``). On CPU, spconv
-2.3.8's conv forward gives wrong rows when torch runs more than one thread (a race in its
-scatter-add, seen on 3D inputs), so on CPU those calls run single-threaded, and its backward needs
-:func:`_patch_spconv_cpu_stream` (it asks for a CUDA stream unconditionally).
+Three interchangeable ``kernel=`` choices compute the sparse convs and max-pools (same numbers):
+
+``"torch"`` (default; block conv)
+    For each visible cell, gather its conv window -- the cell plus a halo of ``padding`` sites
+    (fill where hidden or outside the image) -- into a ``(Nc, C, L, .., L)`` channels-last block,
+    and run the ordinary torch conv / max-pool on all blocks at once, unpadded: it computes exactly
+    the cell's active outputs, with torch's dense conv kernels (oneDNN on CPU, cuDNN on CUDA).
+    The gather reads ``(L / b)^d`` times the features (halo overhead) instead of ``k^d`` times
+    (im2col), and no rulebook is built: one index table per (stride, kernel, conv stride,
+    padding), cached per forward. 1^d convs are a plain GEMM on the rows. The gather's backward
+    is a sorted gather + ``segment_reduce`` (no scatter with repeated indices).
+``"gather"`` (rulebook gather-GEMM)
+    spconv builds the rulebooks (submanifold for stride 1, regular sparse conv restricted to the
+    output stride's active sites for strided convs and pools), cached per (stride, kernel, conv
+    stride, padding); each conv is a chunked im2col gather over the rulebook plus one GEMM, and
+    its input gradient the same through the transposed table. Works for any active set, not only
+    whole cells, but at 64^3 the rulebook build and the ``k^d``-fold gather dominate (see
+    docs/spark.md).
+``"spconv"``
+    The same rulebooks through spconv's own conv kernels (for CUDA servers with ``spconv-cu12x``).
+    On CPU, spconv 2.3.8's ``scatter_add_cpu`` (used by its conv forward and backward) writes
+    another pair's source row into a few destination rows when torch runs more than one thread
+    (a race; seen on 2D and 3D inputs, forward outputs wrong in 0-30% of rows), so CPU calls run
+    single-threaded, and its backward needs :func:`_patch_spconv_cpu_stream` (it asks for a CUDA
+    stream unconditionally).
 
 Usage: layers call the functions at the bottom of this module (:func:`conv`, :func:`batch_norm`,
 :func:`pointwise`, :func:`max_pool`, :func:`add`), which take either a plain tensor (no mask:
@@ -100,7 +112,8 @@ def _spconv():
 
 @contextlib.contextmanager
 def _single_thread_if_cpu(t: torch.Tensor):
-    """spconv's CPU conv kernels race with more than one torch thread: run them with one."""
+    """spconv 2.3.8's CPU ``scatter_add_cpu`` races with more than one torch thread (rows get
+    another pair's values): run its conv kernels with one, restoring the count afterwards."""
     if t.is_cuda:
         yield
         return
@@ -535,7 +548,8 @@ class DenseMasked:
 
 
 class SparseMasked:
-    """Sparse backend: the active sites only, as an spconv ``SparseConvTensor``."""
+    """Sparse backend: the active sites only (cell-major rows), as an spconv ``SparseConvTensor``;
+    ``kernel`` picks the conv arithmetic ("torch": block conv, "gather", "spconv")."""
 
     backend = "sparse"
 
