@@ -92,12 +92,9 @@ def load_state(path: str | Path) -> dict[str, torch.Tensor]:
     return obj
 
 
-def load_encoder_weights(model: nn.Module, path: str | Path, prefix: str = "",
-                         strict: bool = False, verbose: bool = True) -> KeyReport:
-    """Load weights by name. ``prefix`` is stripped from file keys (e.g. ``"encoder."``)."""
-    state = load_state(path)
-    if prefix:
-        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+def apply_state(model: nn.Module, state: dict[str, torch.Tensor], source: str | Path, *,
+                strict: bool = False) -> KeyReport:
+    """Copy the tensors of ``state`` whose name and shape match into ``model``; report the rest."""
     own = model.state_dict()
     report = KeyReport()
     usable = {}
@@ -111,8 +108,18 @@ def load_encoder_weights(model: nn.Module, path: str | Path, prefix: str = "",
             report.matched.append(key)
     report.missing = [k for k in own if k not in state]
     if strict and not report.ok:
-        raise MedmimError(f"{path}: weights do not match the model\n{report.summary()}")
+        raise MedmimError(f"{source}: weights do not match the model\n{report.summary()}")
     model.load_state_dict(usable, strict=False)
+    return report
+
+
+def load_encoder_weights(model: nn.Module, path: str | Path, prefix: str = "",
+                         strict: bool = False, verbose: bool = True) -> KeyReport:
+    """Load weights by name. ``prefix`` is stripped from file keys (e.g. ``"encoder."``)."""
+    state = load_state(path)
+    if prefix:
+        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    report = apply_state(model, state, path, strict=strict)
     if verbose:
         print(report.summary())
     return report

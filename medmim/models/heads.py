@@ -16,7 +16,31 @@ def global_pool(feat: torch.Tensor) -> torch.Tensor:
     return feat.flatten(2).mean(-1)
 
 
-class Classifier(nn.Module):
+class FreezableEncoder(nn.Module):
+    """Base for encoder + head models: ``freeze_encoder(True)`` trains the head alone (the encoder
+    in eval mode: no dropout, no BatchNorm statistic updates). The flag is a buffer, so it is saved
+    in checkpoints and a resumed run continues in the right phase. Call ``_init_freeze()``."""
+
+    def _init_freeze(self) -> None:
+        self.register_buffer("encoder_frozen", torch.tensor(False))
+
+    @property
+    def frozen(self) -> bool:
+        return bool(self.encoder_frozen)
+
+    def freeze_encoder(self, frozen: bool = True) -> None:
+        """Head-only phase (``True``) or joint training (``False``)."""
+        self.encoder_frozen.fill_(bool(frozen))
+        self.train(self.training)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.frozen:
+            self.encoder.eval()
+        return self
+
+
+class Classifier(FreezableEncoder):
     """Encoder + pooled coarsest features + linear layer.
 
     ``mode="linear"``: the encoder is frozen (eval mode, no gradients) and the head is
@@ -40,22 +64,11 @@ class Classifier(nn.Module):
             self.head = nn.Sequential(nn.LayerNorm(dim), nn.Dropout(dropout), nn.Linear(dim, num_outputs))
         nn.init.trunc_normal_(self.head[-1].weight, std=0.01 if mode == "linear" else 0.02)
         nn.init.zeros_(self.head[-1].bias)
-        self.register_buffer("encoder_frozen", torch.tensor(False))
+        self._init_freeze()
 
     @property
     def frozen(self) -> bool:
         return self.mode == "linear" or bool(self.encoder_frozen)
-
-    def freeze_encoder(self, frozen: bool = True) -> None:
-        """Head-only phase (``True``) or joint training (``False``); no effect on a linear probe."""
-        self.encoder_frozen.fill_(bool(frozen))
-        self.train(self.training)
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if self.frozen:
-            self.encoder.eval()  # frozen: no dropout, no BN statistic updates
-        return self
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         if self.frozen:

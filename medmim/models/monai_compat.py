@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from medmim.models.export import KeyReport, load_encoder_weights, load_state
+from medmim.models.export import KeyReport, apply_state, load_encoder_weights, load_state
 
 PREFIXES = ("module.", "vit.", "encoder.", "model.", "backbone.")
 _DROPPED = ("norm_cross_attn", "cls_token", "classification_head", "mask_tokens")
@@ -108,20 +108,8 @@ def load_monai_vit_weights(encoder: nn.Module, path: str | Path, verbose: bool =
     names into a medmim ViT; returns (and prints) the strict key report."""
     state = load_state(path)
     converted, dropped = monai_vit_to_medmim(state, encoder.state_dict())
-    own = encoder.state_dict()
-    report = KeyReport()
-    usable = {}
-    for key, value in converted.items():
-        if key not in own:
-            report.unexpected.append(key)
-        elif tuple(own[key].shape) != tuple(value.shape):
-            report.mismatched.append(f"{key} {tuple(value.shape)}->{tuple(own[key].shape)}")
-        else:
-            usable[key] = value
-            report.matched.append(key)
+    report = apply_state(encoder, converted, path)
     report.unexpected += [f"{k} (no medmim counterpart)" for k in dropped]
-    report.missing = [k for k in own if k not in converted]
-    encoder.load_state_dict(usable, strict=False)
     if verbose:
         print(report.summary())
     return report

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from medmim.models.heads import FreezableEncoder
+
 
 def is_vit(encoder: nn.Module) -> bool:
     return hasattr(encoder, "blocks") and hasattr(encoder, "embed") and hasattr(encoder, "grid_of")
@@ -162,7 +164,7 @@ def unetr_layers(depth: int, levels: int) -> list[int]:
     return [max(0, round(depth * k / levels) - 1) for k in range(1, levels)]
 
 
-class Segmenter(nn.Module):
+class Segmenter(FreezableEncoder):
     """Encoder + segmentation decoder -> logits ``(B, num_classes, *spatial)``.
 
     ``decoder``: ``"auto"`` (UNETR for a ViT, UNet otherwise), ``"unetr"`` or ``"unet"``. A UNet on
@@ -188,21 +190,7 @@ class Segmenter(nn.Module):
         else:
             self.decoder = UNetDecoder(encoder.spatial_dims, encoder.in_channels, encoder.feature_channels,
                                        num_classes, image_channels=feature_size)
-        self.register_buffer("encoder_frozen", torch.tensor(False))
-
-    @property
-    def frozen(self) -> bool:
-        return bool(self.encoder_frozen)
-
-    def freeze_encoder(self, frozen: bool = True) -> None:
-        self.encoder_frozen.fill_(bool(frozen))
-        self.train(self.training)
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if self.frozen:
-            self.encoder.eval()
-        return self
+        self._init_freeze()
 
     def _encode(self, x):
         if self.kind == "unetr":
