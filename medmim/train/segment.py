@@ -26,7 +26,8 @@ from medmim.eval.metrics import segmentation_case_metrics, summarize_segmentatio
 from medmim.models.segmentation import Segmenter
 from medmim.train.checkpoint import safe_torch_load
 from medmim.train.distributed import all_gather_cat, current
-from medmim.train.loop import Runtime, default_param_groups, fit, to_device
+from medmim.train.loop import Runtime, fit, to_device
+from medmim.train.tasks import SupervisedTask
 from medmim.train.rundir import RunDir, seed_everything
 
 
@@ -41,7 +42,7 @@ def sliding_window_logits(model: nn.Module, x: torch.Tensor, roi: tuple[int, ...
     return sliding_window_inference(x, roi, sw_batch_size, model, overlap=overlap, mode="gaussian")
 
 
-class SegmentationTask:
+class SegmentationTask(SupervisedTask):
     """Semantic segmentation with Dice + CE; batches hold ``image`` and ``mask`` ``(B, 1, *spatial)``."""
 
     def __init__(self, model: nn.Module, num_classes: int, roi: tuple[int, ...] | None = None,
@@ -49,28 +50,12 @@ class SegmentationTask:
                  hd95: bool = True):
         from monai.losses import DiceCELoss
 
-        self.model = model
+        super().__init__(model, param_groups_fn, freeze_epochs, epochs)
         self.num_classes = num_classes
         self.roi = roi
         self.overlap = overlap
         self.hd95 = hd95
-        self._groups_fn = param_groups_fn
         self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False)
-        self.freeze_epochs, self.epochs = int(freeze_epochs or 0), epochs
-        if self.freeze_epochs > 0:
-            if not epochs:
-                raise ValueError("freeze_epochs needs the total number of epochs")
-            model.freeze_encoder(True)
-            self.find_unused_parameters = True
-
-    def param_groups(self, weight_decay: float):
-        if self._groups_fn is not None:
-            return self._groups_fn(self.model, weight_decay)
-        return default_param_groups(self.model, weight_decay)
-
-    def after_step(self, step: int, total: int) -> None:
-        if self.freeze_epochs > 0 and self.model.frozen and step >= self.freeze_epochs * total / self.epochs:
-            self.model.freeze_encoder(False)
 
     def training_step(self, model, batch):
         logits = model(batch["image"]).float()

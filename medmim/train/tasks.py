@@ -69,27 +69,16 @@ def binary_focal_loss(logits, target, gamma: float = 2.0):
     return ((1 - pt) ** gamma * bce).mean()
 
 
-class ClassificationTask:
-    """Binary / multi-class (softmax) or multi-label (sigmoid) classification.
+class SupervisedTask:
+    """Shared by the supervised tasks: optimizer groups (e.g. layer-wise lr decay) and the
+    freeze-then-unfreeze schedule. With ``freeze_epochs`` (and the total ``epochs``) the model's
+    encoder is frozen (``FreezableEncoder.freeze_encoder``) for the first ``freeze_epochs`` epochs
+    of optimizer steps, then trains with the head."""
 
-    ``loss``: ``ce``, ``weighted_ce`` (inverse class frequency from ``class_counts``) or ``focal``
-    (gamma 2, class-weighted when counts are given); multi-label uses BCE (``focal``: sigmoid focal).
-    ``freeze_epochs`` with ``epochs``: freeze-then-unfreeze -- the model's encoder is frozen (see
-    ``Classifier.freeze_encoder``) for the first ``freeze_epochs`` epochs, then trains with the head.
-    """
-
-    def __init__(self, model: nn.Module, num_classes: int, loss: str = "ce", multilabel: bool = False,
-                 class_counts: list[int] | None = None, param_groups_fn=None, freeze_epochs: int = 0,
+    def __init__(self, model: nn.Module, param_groups_fn=None, freeze_epochs: int = 0,
                  epochs: int | None = None):
         self.model = model
-        self.num_classes = num_classes
-        self.multilabel = multilabel
-        self.loss = loss
         self._groups_fn = param_groups_fn
-        self.weight = None
-        if loss in ("weighted_ce", "focal") and class_counts and not multilabel:
-            counts = torch.tensor(class_counts, dtype=torch.float32).clamp(min=1)
-            self.weight = counts.sum() / (len(counts) * counts)
         self.freeze_epochs = int(freeze_epochs or 0)
         self.epochs = epochs
         if self.freeze_epochs > 0 and hasattr(model, "freeze_encoder"):
@@ -108,6 +97,27 @@ class ClassificationTask:
         if self._groups_fn is not None:
             return self._groups_fn(self.model, weight_decay)
         return default_param_groups(self.model, weight_decay)
+
+
+class ClassificationTask(SupervisedTask):
+    """Binary / multi-class (softmax) or multi-label (sigmoid) classification.
+
+    ``loss``: ``ce``, ``weighted_ce`` (inverse class frequency from ``class_counts``) or ``focal``
+    (gamma 2, class-weighted when counts are given); multi-label uses BCE (``focal``: sigmoid focal).
+    ``freeze_epochs`` with ``epochs``: freeze-then-unfreeze (see :class:`SupervisedTask`).
+    """
+
+    def __init__(self, model: nn.Module, num_classes: int, loss: str = "ce", multilabel: bool = False,
+                 class_counts: list[int] | None = None, param_groups_fn=None, freeze_epochs: int = 0,
+                 epochs: int | None = None):
+        super().__init__(model, param_groups_fn, freeze_epochs, epochs)
+        self.num_classes = num_classes
+        self.multilabel = multilabel
+        self.loss = loss
+        self.weight = None
+        if loss in ("weighted_ce", "focal") and class_counts and not multilabel:
+            counts = torch.tensor(class_counts, dtype=torch.float32).clamp(min=1)
+            self.weight = counts.sum() / (len(counts) * counts)
 
     def compute_loss(self, logits, target):
         if self.multilabel:
