@@ -179,6 +179,13 @@ def _stage_setup(args):
     return cfg, run, data, Runtime.from_config(cfg.run)
 
 
+def _report_skipped(data, run) -> None:
+    """Unreadable files were skipped, not fatal: list them in the run directory and say so."""
+    if data.skipped and run.writer:
+        path = data.write_skipped(run.path / "skipped.csv")
+        print(f"skipped {len(data.skipped)} unreadable file(s); see {path}", file=sys.stderr)
+
+
 def cmd_pretrain(args) -> int:
     from medmim.train.stages import pretrain_stage
 
@@ -186,6 +193,7 @@ def cmd_pretrain(args) -> int:
     if cfg.pretrain.method == "none":
         raise MedmimError("pretrain.method is 'none': nothing to pretrain")
     weights = pretrain_stage(cfg, data, run, runtime, resume=args.resume)
+    _report_skipped(data, run)
     print(f"encoder weights: {weights}")
     return 0
 
@@ -211,6 +219,7 @@ def cmd_finetune(args) -> int:
         result = segment_stage(cfg, data, run.child("segment"), runtime, init=init_path, resume=args.resume)
     else:
         result = finetune_stage(cfg, data, run.child("finetune"), runtime, init=init_path, resume=args.resume)
+    _report_skipped(data, run)
     print(json.dumps({k: v for k, v in result.items() if not isinstance(v, dict)}, indent=2))
     return 0
 

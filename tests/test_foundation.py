@@ -181,3 +181,17 @@ def test_main_job_on_real_pneumoniamnist(tmp_path):
         assert 0.0 <= float(r["test_auroc"]) <= 1.0
     env = json.loads((tmp_path / "pneu" / "environment.json").read_text())
     assert env["data"]["counts"] == {"train": 256, "val": 524, "test": 624}
+
+
+def test_unreadable_file_is_skipped_and_listed(tmp_path):
+    """A corrupt image in a manifest is skipped with its reason; the run goes on and lists it."""
+    manifest = generate(tmp_path / "ph", 2, PhantomSpec(n_patients=12, images_per_patient=1, size_2d=32, seed=5))
+    (manifest.parent / "images" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    with open(manifest, "a") as fh:
+        fh.write("images/broken.png,,1,PX,S0,xray\n")
+    args = ["pretrain", *TINY, "data.source=manifest", f"data.path={manifest}", "data.val_fraction=0.2",
+            f"run.out_dir={tmp_path}/runs", "run.name=skip", "pretrain.epochs=1"]
+    assert main(args) == 0
+    rows = list(csv.DictReader(open(tmp_path / "runs" / "skip" / "skipped.csv")))
+    assert len(rows) == 1 and rows[0]["file"].endswith("broken.png") and rows[0]["reason"]
+    assert (tmp_path / "runs" / "skip" / "encoder.safetensors").exists()
