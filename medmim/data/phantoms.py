@@ -138,7 +138,7 @@ def _patient_params(rng: np.random.Generator, spatial_dims: int) -> dict:
 def _lesion_params(rng: np.random.Generator, spatial_dims: int) -> dict:
     if spatial_dims == 2:
         return {"left": bool(rng.integers(2)), "ox": rng.uniform(-0.1, 0.1), "oy": rng.uniform(-0.25, 0.25),
-                "r": rng.uniform(0.06, 0.12), "contrast": rng.uniform(0.25, 0.45)}
+                "r": rng.uniform(0.1, 0.18), "contrast": rng.uniform(0.35, 0.55)}
     return {"ox": rng.uniform(-0.08, 0.08), "oy": rng.uniform(-0.1, 0.1), "oz": rng.uniform(-0.1, 0.1),
             "r": rng.uniform(0.1, 0.16), "contrast": rng.uniform(40, 70)}
 
@@ -182,7 +182,7 @@ def generate(out_dir: str | Path, spatial_dims: int, spec: PhantomSpec = Phantom
     """
     root = Path(out_dir) / f"{spatial_dims}d"
     manifest = root / "manifest.csv"
-    params = {"spatial_dims": spatial_dims, **asdict(spec), "version": 1}
+    params = {"spatial_dims": spatial_dims, **asdict(spec), "version": 2}
     params_file = root / "phantom_params.json"
     if manifest.exists() and params_file.exists() and json.loads(params_file.read_text()) == params:
         return manifest
