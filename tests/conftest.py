@@ -28,5 +28,5 @@ TINY = [
     "data.phantoms.n_patients=24", "data.phantoms.size_2d=32", "data.image_size=16",
     "encoder.embed_dim=32", "encoder.depth=1", "encoder.num_heads=2", "encoder.patch_size=4",
     "pretrain.decoder_dim=16", "pretrain.decoder_depth=1", "pretrain.epochs=2", "pretrain.batch_size=16",
-    "finetune.epochs=2", "finetune.batch_size=8",
+    "finetune.epochs=2", "finetune.batch_size=8", "study.seeds=[0]",
 ]
