@@ -285,8 +285,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.verb is None:
         parser.print_help()
         return 2
+    finished = False
     try:
-        return COMMANDS[args.verb](args)
+        code = COMMANDS[args.verb](args)
+        finished = True
+        return code
     except MedmimError as exc:
         print(f"medmim: error: {str(exc).splitlines()[0]}", file=sys.stderr)
         for line in str(exc).splitlines()[1:]:
@@ -298,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         from medmim.train.distributed import shutdown
 
-        shutdown()  # leave the torchrun process group, if one was joined
+        shutdown(sync=finished)  # leave the torchrun process group, if one was joined
 
 
 if __name__ == "__main__":

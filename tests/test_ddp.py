@@ -51,7 +51,7 @@ def _worker(out: str, fail_at: str | None = None) -> None:
     if current().is_main:
         torch.save({"params": params_of(task.model), "spread": float((everyone - flat).abs().max()),
                     "result": result, "calls": task.calls}, Path(out) / "ddp_out.pt")
-    shutdown()
+    shutdown(sync=True)
 
 
 if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "worker":

@@ -116,6 +116,7 @@ DDP_WORKER = textwrap.dedent("""
     dist.all_gather(gs, grads)
     if rank == 0:
         torch.save({"loss": torch.cat(out).mean(), "grads": gs}, sys.argv[3])
+    dist.barrier()  # no rank tears gloo down while the other still uses it
     dist.destroy_process_group()
 """)
 

@@ -53,9 +53,15 @@ def init_from_env(device_type: str = "cpu", timeout_s: float | None = None) -> D
     return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank)
 
 
-def shutdown() -> None:
-    """Leave the process group (at exit). Safe to call when none was joined."""
+def shutdown(sync: bool = False) -> None:
+    """Leave the process group (at exit). Safe to call when none was joined.
+
+    ``sync``: wait for every rank first (only on a normal exit, when all ranks get here), so that no
+    rank tears gloo down while another still talks to it; an error path must not wait.
+    """
     if dist.is_available() and dist.is_initialized():
+        if sync:
+            dist.barrier()
         dist.destroy_process_group()
 
 
