@@ -19,8 +19,7 @@ from monai import transforms as mt
 from torch import nn
 
 from medmim.config import Config
-from medmim.data.dataset import DataBundle, augment_transforms, make_loader, materialize
-from medmim.data.splits import label_fraction
+from medmim.data.dataset import DataBundle, augment_transforms, make_loader
 from medmim.errors import MedmimError
 from medmim.eval.metrics import segmentation_case_metrics, summarize_segmentation
 from medmim.models.segmentation import Segmenter
@@ -122,7 +121,7 @@ def segment_stage(cfg: Config, data: DataBundle, run: RunDir, runtime: Runtime, 
     """
     from medmim.models.heads import layer_decay_groups
     from medmim.models.monai_compat import load_init_weights
-    from medmim.train.stages import build_encoder_for
+    from medmim.train.stages import build_encoder_for, labelled_items
 
     fc = cfg.finetune
     seed = cfg.run.seed if seed is None else seed
@@ -131,9 +130,7 @@ def segment_stage(cfg: Config, data: DataBundle, run: RunDir, runtime: Runtime, 
         return json.loads(done.read_text())
     seed_everything(seed, cfg.run.num_threads)
     run.save_config(cfg)  # `medmim predict` rebuilds the model from it
-    train_records = label_fraction(data.split("train"), fc.label_fraction, seed=seed)
-    mat = lambda recs: materialize(recs, cfg.data, data.preset, with_mask=True, skipped=data.skipped)  # noqa: E731
-    train_items, val_items, test_items = mat(train_records), mat(data.split("val")), mat(data.split("test"))
+    train_items, val_items, test_items = labelled_items(cfg, data, seed, with_mask=True)
     if not train_items:
         raise MedmimError("segmentation needs masks: no training record has a 'mask' column")
     if not val_items:

@@ -6,6 +6,8 @@ through the one training loop, so a killed pipeline resumes stage by stage, epoc
 
 from __future__ import annotations
 
+import json
+
 from pathlib import Path
 from typing import Any, Callable
 
@@ -39,9 +41,9 @@ def pretrain_stage(cfg: Config, data: DataBundle, run: RunDir, runtime: Runtime,
     seed_everything(cfg.run.seed, cfg.run.num_threads)
     pc = cfg.pretrain
     records = data.pretrain_records(include_test=cfg.data.pretrain_on_test)
-    items = [dict(it, label=None) for it in materialize(records, cfg.data, data.preset, skipped=data.skipped)]
-    for it in items:
-        it.pop("label", None)
+    # self-supervised: labels never enter pretraining batches
+    items = [{k: v for k, v in it.items() if k != "label"}
+             for it in materialize(records, cfg.data, data.preset, skipped=data.skipped)]
     info = current()
     loader = make_loader(items, pc.batch_size, shuffle=True, seed=cfg.run.seed,
                          augment=augment_transforms(cfg.data, False, stage="pretrain") if pc.method == "simclr"
@@ -88,6 +90,14 @@ def save_recon_preview(model, images: torch.Tensor, path: Path, runtime: Runtime
                     patch_size=model.encoder.downsample_ratio, spatial_dims=images.ndim - 2)
 
 
+def labelled_items(cfg: Config, data: DataBundle, seed: int, with_mask: bool = False):
+    """Prepared (train, val, test) items for a supervised stage: the train split reduced to
+    ``finetune.label_fraction`` (nested, stratified, by seed); unreadable files skipped and recorded."""
+    train_records = label_fraction(data.split("train"), cfg.finetune.label_fraction, seed=seed)
+    return tuple(materialize(records, cfg.data, data.preset, with_mask=with_mask, skipped=data.skipped)
+                 for records in (train_records, data.split("val"), data.split("test")))
+
+
 def finetune_stage(cfg: Config, data: DataBundle, run: RunDir, runtime: Runtime, *,
                    init: str | Path | None, resume: bool = True, seed: int | None = None,
                    log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -99,13 +109,9 @@ def finetune_stage(cfg: Config, data: DataBundle, run: RunDir, runtime: Runtime,
     seed = cfg.run.seed if seed is None else seed
     done = run.path / "result.json"
     if resume and done.exists():
-        import json
         return json.loads(done.read_text())
     seed_everything(seed, cfg.run.num_threads)
-    train_records = label_fraction(data.split("train"), fc.label_fraction, seed=seed)
-    train_items = materialize(train_records, cfg.data, data.preset, skipped=data.skipped)
-    val_items = materialize(data.split("val"), cfg.data, data.preset, skipped=data.skipped)
-    test_items = materialize(data.split("test"), cfg.data, data.preset, skipped=data.skipped)
+    train_items, val_items, test_items = labelled_items(cfg, data, seed)
     if not val_items:
         raise MedmimError("fine-tuning needs a validation split (data.val_fraction > 0 or a 'val' split)")
     info = current()
