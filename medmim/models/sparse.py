@@ -498,6 +498,17 @@ def _block_gather(feat: torch.Tensor, table: BlockTable, length: int, spatial_di
     return cols.view(table.shape[0], *[length] * spatial_dims, feat.shape[1]).movedim(-1, 1)
 
 
+def _im2col(blocks: torch.Tensor, kernel: int, stride: int) -> torch.Tensor:
+    """``(Nc, C, L, .., L)`` windows -> ``(Nc * b_out^d, C * kernel^d)`` columns: one row per
+    output site in cell-major order, columns in the torch weight's ``(C, *kernel)`` order."""
+    d = blocks.dim() - 2
+    cols = blocks
+    for axis in range(2, 2 + d):
+        cols = cols.unfold(axis, kernel, stride)  # (Nc, C, b_out.., kernel..)
+    cols = cols.permute(0, *range(2, 2 + d), 1, *range(2 + d, 2 + 2 * d))
+    return cols.reshape(-1, blocks.shape[1] * kernel ** d)
+
+
 def _block_rows(y: torch.Tensor) -> torch.Tensor:
     """``(Nc, C, b, .., b)`` conv output -> ``(Nc * b^d, C)`` cell-major rows (a view when
     channels-last, as the convs here return it)."""
@@ -606,6 +617,13 @@ class SparseMasked:
             return F.linear(feat, weight.reshape(weight.shape[0], -1), bias)
         table, length = self.plan.block_table(self.stride, kernel, stride, padding)
         blocks = _block_gather(feat, table, length, d)
+        b_out = (length - kernel) // stride + 1
+        if groups == 1 and (b_out == 1 or (d == 3 and b_out == 2)):
+            # Few outputs per cell (the deep stages): im2col + one GEMM. oneDNN reorders the
+            # whole weight on every call instead, which costs more than the arithmetic there
+            # (a 512x512x3^3 weight on 1 output per cell: ~6x slower forward+backward).
+            return F.linear(_im2col(blocks, kernel, stride), weight.reshape(weight.shape[0], -1),
+                            bias)
         return _block_rows(_CONV[d](blocks, weight, bias, stride, 0, 1, groups))
 
     def max_pool(self, kernel, stride, padding) -> "SparseMasked":
