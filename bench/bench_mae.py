@@ -8,8 +8,13 @@ image and patch size):
 - ``MONAI MAE``    -- monai.networks.nets.MaskedAutoEncoderViT, trained with the same loss
                       (MSE over the hidden patches, raw pixel targets: norm-pix is off for both)
 - ``full-token``   -- medmim.models.mae.SimMIM: every token through the encoder (mask tokens)
+- ``... bf16``     -- the same step under ``torch.autocast("cpu", bfloat16)`` (medmim's
+                      ``run.precision=bf16``); MONAI's MaskedAutoEncoderViT is tried the same way
+                      and the error it raises is recorded when it cannot run
 
-Goals: medmim MAE >= 1.3x faster than the MONAI path; MAE step <= 0.4x the full-token step.
+Goals: medmim MAE >= 1.3x faster than the MONAI path; MAE step <= 0.4x the full-token step. The
+bench also profiles one fp32 medmim step and prints the share of time in matrix products and
+attention: the part of the step that is the same arithmetic in both implementations.
 
 Run:  .venv/bin/python bench/bench_mae.py            (writes bench/results/mae.md)
       .venv/bin/python bench/bench_mae.py --quick    (tiny sizes, a smoke test; no file written)
@@ -88,6 +93,18 @@ def monai_mae(s):
     return model, loss_fn
 
 
+def bf16(build):
+    """The same model, its loss computed under CPU bf16 autocast (weights and AdamW stay fp32)."""
+    def wrapped(s):
+        model, loss_fn = build(s)
+
+        def loss_bf16(x):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return loss_fn(x)
+        return model, loss_bf16
+    return wrapped
+
+
 def make_step(build, s):
     """Build one model and return a closure that runs one timed training step on a fixed batch."""
     torch.manual_seed(0)
@@ -104,6 +121,33 @@ def make_step(build, s):
         return time.perf_counter() - t0, time.process_time() - c0
 
     return step
+
+
+def runnable(builders: dict, s) -> tuple[dict, dict[str, str]]:
+    """Drop the models whose first step raises; return (kept builders, {label: error line})."""
+    kept, failed = {}, {}
+    for label, build in builders.items():
+        try:
+            make_step(build, s)()
+            kept[label] = build
+        except RuntimeError as exc:
+            failed[label] = str(exc).splitlines()[0]
+    return kept, failed
+
+
+def matmul_share(s) -> float:
+    """Share of one fp32 medmim MAE step's CPU time spent in GEMMs and fused attention."""
+    from torch.profiler import profile
+
+    step = make_step(medmim_mae, s)
+    step()
+    with profile() as prof:
+        step()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    dense = sum(e.self_cpu_time_total for e in events
+                if e.key in ("aten::mm", "aten::addmm", "aten::bmm") or "scaled_dot_product" in e.key)
+    return dense / total
 
 
 def time_interleaved(builders: dict, s, steps: int, warmup: int) -> dict[str, list[tuple[float, float]]]:
@@ -131,16 +175,25 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     settings = QUICK if args.quick else SETTINGS
-    models = {"medmim MAE": medmim_mae, "MONAI MAE": monai_mae, "full-token (SimMIM)": medmim_full_token}
+    candidates = {"medmim MAE": medmim_mae, "MONAI MAE": monai_mae, "full-token (SimMIM)": medmim_full_token,
+                  "medmim MAE bf16": bf16(medmim_mae), "MONAI MAE bf16": bf16(monai_mae)}
 
-    rows, ratios = [], []
+    rows, ratios, notes = [], [], []
     t_start, load_start = time.perf_counter(), os.getloadavg()[0]
     for name, s in settings.items():
+        models, failed = runnable(candidates, s)
+        for label, err in failed.items():
+            notes.append(f"- {name}: **{label} cannot run**: `{err}`")
+            print(notes[-1], flush=True)
+        share = matmul_share(s)
+        notes.append(f"- {name}: {share:.0%} of a medmim fp32 step's CPU time is GEMM + fused "
+                     "attention (torch.profiler), arithmetic both implementations share")
+        print(notes[-1], flush=True)
         times = time_interleaved(models, s, args.steps, args.warmup)
         wall = {k: statistics.median(t[0] for t in v) for k, v in times.items()}
         best = {k: min(t[0] for t in v) for k, v in times.items()}
         cpu = {k: statistics.median(t[1] for t in v) for k, v in times.items()}
-        for label in models:
+        for label in times:
             rows.append(f"| {name} | {s['batch']} | {label} | {wall[label] * 1000:.0f} "
                         f"| {best[label] * 1000:.0f} | {cpu[label] * 1000:.0f} |")
             print(rows[-1], flush=True)
@@ -150,6 +203,13 @@ def main() -> None:
             ratios.append(f"| {name} | {stat} | {speedup:.2f}x {'PASS' if speedup >= 1.3 else 'FAIL'} "
                           f"| {frac:.2f} {'PASS' if frac <= 0.4 else 'FAIL'} |")
             print(ratios[-1], flush=True)
+        for stat, v in (("CPU time (median)", cpu), ("wall (median)", wall)):
+            if "medmim MAE bf16" in v:
+                monai_best = min(v[k] for k in ("MONAI MAE", "MONAI MAE bf16") if k in v)
+                notes.append(f"- {name}, {stat}: fastest MONAI step / medmim bf16 step = "
+                             f"{monai_best / v['medmim MAE bf16']:.2f}x; medmim fp32 / bf16 = "
+                             f"{v['medmim MAE'] / v['medmim MAE bf16']:.2f}x")
+                print(notes[-1], flush=True)
     total = time.perf_counter() - t_start
 
     text = "\n".join([
@@ -173,9 +233,11 @@ def main() -> None:
         "|---|---|---|---|---|---|",
         *rows,
         "",
-        "| setting | measured on | MONAI / medmim (goal >= 1.3x) | MAE / full-token (goal <= 0.4) |",
+        "| setting | measured on | MONAI / medmim, both fp32 (goal >= 1.3x) | MAE / full-token (goal <= 0.4) |",
         "|---|---|---|---|",
         *ratios,
+        "",
+        *notes,
         "",
     ])
     print(text)

@@ -128,6 +128,23 @@ def test_mae_shapes_and_recon(spatial_dims):
     assert all(p.grad is not None for p in mae.encoder.parameters())
 
 
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_mae_runs_under_bf16_autocast(spatial_dims):
+    # run.precision=bf16 (autocast; weights stay fp32): the same mask gives the fp32 loss to bf16
+    # precision, and the gradients reach every encoder parameter in fp32.
+    # (MONAI's MaskedAutoEncoderViT raises a dtype error here: bench/results/mae.md.)
+    mae = tiny_mae(spatial_dims)
+    x = image(spatial_dims)
+    ref = mae(x, generator=torch.Generator().manual_seed(0))["loss"]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = mae(x, generator=torch.Generator().manual_seed(0))
+    assert out["loss"].dtype == torch.float32
+    assert torch.isclose(out["loss"], ref, rtol=0.05), (out["loss"].item(), ref.item())
+    out["loss"].backward()
+    grads = [p.grad for p in mae.encoder.parameters()]
+    assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+
+
 @pytest.mark.parametrize("norm_pix", [True, False])
 def test_mae_loss_counts_hidden_patches_only(norm_pix):
     mae = tiny_mae(2, norm_pix_loss=norm_pix).eval()
