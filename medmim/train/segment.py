@@ -10,7 +10,6 @@ class (``monai.metrics``), the mean over classes, and a bootstrap 95% CI of the 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Callable
 
@@ -27,7 +26,7 @@ from medmim.train.checkpoint import safe_torch_load
 from medmim.train.distributed import all_gather_cat, current
 from medmim.train.loop import Runtime, fit, to_device
 from medmim.train.tasks import SupervisedTask
-from medmim.train.rundir import RunDir, seed_everything
+from medmim.train.rundir import RunDir
 
 
 def sliding_window_logits(model: nn.Module, x: torch.Tensor, roi: tuple[int, ...] | None, overlap: float = 0.25,
@@ -121,14 +120,12 @@ def segment_stage(cfg: Config, data: DataBundle, run: RunDir, runtime: Runtime, 
     """
     from medmim.models.heads import layer_decay_groups
     from medmim.models.monai_compat import load_init_weights
-    from medmim.train.stages import build_encoder_for, labelled_items
+    from medmim.train.stages import build_encoder_for, labelled_items, start_stage
 
     fc = cfg.finetune
-    seed = cfg.run.seed if seed is None else seed
-    done = run.path / "result.json"
-    if resume and done.exists():
-        return json.loads(done.read_text())
-    seed_everything(seed, cfg.run.num_threads)
+    seed, finished = start_stage(cfg, run, seed, resume)
+    if finished is not None:
+        return finished
     run.save_config(cfg)  # `medmim predict` rebuilds the model from it
     train_items, val_items, test_items = labelled_items(cfg, data, seed, with_mask=True)
     if not train_items:

@@ -98,6 +98,17 @@ def labelled_items(cfg: Config, data: DataBundle, seed: int, with_mask: bool = F
                  for records in (train_records, data.split("val"), data.split("test")))
 
 
+def start_stage(cfg: Config, run: RunDir, seed: int | None, resume: bool) -> tuple[int, dict | None]:
+    """Prologue of a fine-tuning stage: the seed it uses (``run.seed`` unless given) and, when
+    resuming a stage that already wrote ``result.json``, that result (else None: RNGs seeded)."""
+    seed = cfg.run.seed if seed is None else seed
+    done = run.path / "result.json"
+    if resume and done.exists():
+        return seed, json.loads(done.read_text())
+    seed_everything(seed, cfg.run.num_threads)
+    return seed, None
+
+
 def finetune_stage(cfg: Config, data: DataBundle, run: RunDir, runtime: Runtime, *,
                    init: str | Path | None, resume: bool = True, seed: int | None = None,
                    log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -106,11 +117,9 @@ def finetune_stage(cfg: Config, data: DataBundle, run: RunDir, runtime: Runtime,
     ``init``: None = from scratch, or a weights file (medmim safetensors export, MONAI-format).
     """
     fc = cfg.finetune
-    seed = cfg.run.seed if seed is None else seed
-    done = run.path / "result.json"
-    if resume and done.exists():
-        return json.loads(done.read_text())
-    seed_everything(seed, cfg.run.num_threads)
+    seed, finished = start_stage(cfg, run, seed, resume)
+    if finished is not None:
+        return finished
     train_items, val_items, test_items = labelled_items(cfg, data, seed)
     if not val_items:
         raise MedmimError("fine-tuning needs a validation split (data.val_fraction > 0 or a 'val' split)")
