@@ -119,6 +119,9 @@ class FinetuneConfig(OptimSettings):
     mode: Literal["linear", "full"] = "full"
     init: str = "pretrained"  # "pretrained" (this run's export), "scratch", or a weights path
     label_fraction: float = Field(1.0, gt=0, le=1)
+    # labels used for model selection: "all" of the val split (the usual benchmark protocol), or
+    # "fraction": the val split reduced by label_fraction too (nested, stratified; strict low-label)
+    val_labels: Literal["all", "fraction"] = "all"
     layer_decay: float = Field(0.75, gt=0, le=1)
     loss: Literal["ce", "weighted_ce", "focal"] = "ce"
     multilabel: bool = False

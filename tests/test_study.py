@@ -241,3 +241,27 @@ def test_stage_fingerprint_guards_against_a_changed_config(tmp_path):
     le.check_stage(run, fp)  # the same config resumes
     with pytest.raises(le.MedmimError, match="different config"):
         le.check_stage(run, changed)
+
+
+def test_val_labels_fraction_reduces_model_selection_labels(tmp_path, phantoms, monkeypatch):
+    # finetune.val_labels=fraction: the val split used for checkpoint selection shrinks with the
+    # label fraction (nested, stratified, both classes kept); "all" keeps the whole val split.
+    from medmim.data.dataset import prepare_data
+    from medmim.train import stages
+
+    monkeypatch.setattr(stages, "materialize", lambda records, *a, **k: list(records))
+    cfg, _ = tiny_cfg(tmp_path, phantoms, "vl")
+    cfg = with_overrides(cfg, ["data.phantoms.n_patients=60", "data.val_fraction=0.4"])
+    data = prepare_data(cfg)
+    full_val = data.split("val")
+    ids = lambda recs: {r["image"] for r in recs}  # noqa: E731
+    by_frac = {}
+    for frac in (0.25, 0.5, 1.0):
+        c = with_overrides(cfg, [f"finetune.label_fraction={frac}", "finetune.val_labels=fraction"])
+        train, val, test = stages.labelled_items(c, data, seed=0)
+        by_frac[frac] = ids(val)
+        assert {r["label"] for r in val} == {r["label"] for r in full_val}
+        everything = stages.labelled_items(with_overrides(c, ["finetune.val_labels=all"]), data, seed=0)
+        assert ids(everything[1]) == ids(full_val) and ids(everything[0]) == ids(train)
+    assert len(by_frac[0.25]) < len(by_frac[0.5]) < len(by_frac[1.0]) == len(full_val)
+    assert by_frac[0.25] <= by_frac[0.5] <= by_frac[1.0]

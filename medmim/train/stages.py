@@ -92,10 +92,15 @@ def save_recon_preview(model, images: torch.Tensor, path: Path, runtime: Runtime
 
 def labelled_items(cfg: Config, data: DataBundle, seed: int, with_mask: bool = False):
     """Prepared (train, val, test) items for a supervised stage: the train split reduced to
-    ``finetune.label_fraction`` (nested, stratified, by seed); unreadable files skipped and recorded."""
-    train_records = label_fraction(data.split("train"), cfg.finetune.label_fraction, seed=seed)
+    ``finetune.label_fraction`` (nested, stratified, by seed) -- and the val split too when
+    ``finetune.val_labels`` is "fraction"; unreadable files skipped and recorded."""
+    fc = cfg.finetune
+    train_records = label_fraction(data.split("train"), fc.label_fraction, seed=seed)
+    val_records = data.split("val")
+    if fc.val_labels == "fraction" and val_records:
+        val_records = label_fraction(val_records, fc.label_fraction, seed=seed)
     return tuple(materialize(records, cfg.data, data.preset, with_mask=with_mask, skipped=data.skipped)
-                 for records in (train_records, data.split("val"), data.split("test")))
+                 for records in (train_records, val_records, data.split("test")))
 
 
 def start_stage(cfg: Config, run: RunDir, seed: int | None, resume: bool) -> tuple[int, dict | None]:
