@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from typing import Callable
 
 import torch
@@ -647,7 +648,9 @@ class SparseMasked:
         return self._new(self.features + other.features)
 
     def dense(self) -> torch.Tensor:
-        return self.tensor.dense(channels_first=True)
+        with warnings.catch_warnings():  # spconv 2.3.8 indexes with a list (a torch deprecation notice)
+            warnings.filterwarnings("ignore", message="Using a non-tuple sequence", category=UserWarning)
+            return self.tensor.dense(channels_first=True)
 
 
 Masked = DenseMasked | SparseMasked
