@@ -375,8 +375,12 @@ def _finite(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+UNIT_INTERVAL_METRICS = ("auroc", "ap", "accuracy", "balanced_accuracy", "dice")
+
+
 def summarize_rows(rows: list[dict], metric: str) -> list[dict]:
-    """Mean ± std (and a t-based 95% CI) of the test metric per init × mode × fraction."""
+    """Mean ± std (and a t-based 95% CI over seeds, clipped to [0, 1] for metrics bounded there)
+    of the test metric per init × mode × fraction."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["init"], r["mode"], r["fraction"]), []).append(r)
@@ -388,12 +392,14 @@ def summarize_rows(rows: list[dict], metric: str) -> list[dict]:
         mean = float(vals.mean()) if n else float("nan")
         std = float(vals.std(ddof=1)) if n > 1 else 0.0 if n else float("nan")
         half = _t95(n) * std / math.sqrt(n) if n > 1 else float("nan")
+        lo, hi = (mean - half, mean + half) if n > 1 else (float("nan"), float("nan"))
+        if metric in UNIT_INTERVAL_METRICS:  # a t-interval on 3 seeds can pass 1.0; AUROC cannot
+            lo, hi = max(lo, 0.0), min(hi, 1.0)
         labelled = [r.get("n_labelled") for r in rs if r.get("n_labelled")]
         out.append({"init": init, "mode": mode, "fraction": frac,
                     "n_labelled": int(np.median(labelled)) if labelled else None, "n_seeds": n,
                     f"{metric}_mean": mean, f"{metric}_std": std,
-                    "ci95_low": mean - half if n > 1 else float("nan"),
-                    "ci95_high": mean + half if n > 1 else float("nan"),
+                    "ci95_low": lo, "ci95_high": hi,
                     "failed": sum(r.get("status") != "ok" for r in rs)})
     return out
 

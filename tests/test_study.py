@@ -89,6 +89,13 @@ def test_summary_mean_std_ci():
     half = 4.302652729911275 * 0.1 / math.sqrt(3)  # t(0.975, df=2)
     assert s["ci95_low"] == pytest.approx(0.7 - half) and s["ci95_high"] == pytest.approx(0.7 + half)
     assert "0.700 ± 0.100" in le.format_table([s], "auroc")
+    # near the ceiling the t-interval passes 1.0: clipped for AUROC, not for an unbounded metric
+    high = [{**r, "test_auroc": v, "test_hd95": 10 * v} for r, v in zip(rows, [0.9, 0.95, 1.0])]
+    (s,) = le.summarize_rows(high, "auroc")
+    half = 4.302652729911275 * 0.05 / math.sqrt(3)
+    assert s["ci95_low"] == pytest.approx(0.95 - half) and s["ci95_high"] == 1.0
+    (h,) = le.summarize_rows(high, "hd95")
+    assert h["ci95_high"] == pytest.approx(9.5 + 10 * half)
 
 
 # ---- running studies ------------------------------------------------------------------------------
