@@ -216,13 +216,18 @@ def test_eval_mode_and_bad_mask():
         enc(x, torch.zeros(2, 3, 3, dtype=torch.bool))
     with pytest.raises(ValueError, match="backend"):
         enc(x, mask, backend="gpu")
+    for backend in ("dense", "sparse"):  # nothing visible: a clear error, not an empty batch norm
+        with pytest.raises(ValueError, match="hides all"):
+            enc(x, torch.ones_like(mask), backend=backend)
 
 
 def test_export_import_round_trip(tmp_path):
     for name, kw in [("resnet50", {}), ("convnext_tiny", {"depths": (1, 1, 1, 1)})]:
         enc = tiny(name, 3, dtype=torch.float32, **kw)
-        x, mask = inputs(enc, 32, dtype=torch.float32)
+        x, mask = inputs(enc, 64, dtype=torch.float32)  # a 2^3 grid: some cells visible
+        stats = {k: v.clone() for k, v in enc.state_dict().items() if k.endswith("running_mean")}
         enc(x, mask, backend="sparse")  # a masked training step moves the running stats
+        assert all(not torch.equal(v, enc.state_dict()[k]) for k, v in stats.items())
         weights = export_encoder(enc, tmp_path / name, {"architecture": name, "pretext": "spark"})
         fresh = build_cnn(name, spatial_dims=3, base_channels=4, **kw)
         report = load_encoder_weights(fresh, weights, verbose=False)

@@ -668,6 +668,9 @@ def masked_input(x: torch.Tensor, mask: torch.Tensor, downsample_ratio: int,
     if any(s % downsample_ratio for s in x.shape[2:]) or tuple(mask.shape) != (x.shape[0], *grid):
         raise ValueError(f"input {tuple(x.shape)} with downsample ratio {downsample_ratio} needs a "
                          f"mask of shape {(x.shape[0], *grid)}, got {tuple(mask.shape)}")
+    if bool(mask.all()):
+        raise ValueError(f"the mask hides all {mask.numel()} cells of the batch: nothing is left to "
+                         "encode (use a smaller mask ratio or a finer coarse grid)")
     plan = MaskPlan(mask.to(x.device), downsample_ratio, spatial_dims)
     act = plan.active(1)
     if backend == "dense":
