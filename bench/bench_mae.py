@@ -218,10 +218,11 @@ def main() -> None:
         f"- date: {dt.date.today().isoformat()}",
         f"- machine: {platform.processor() or platform.machine()}, CPU, torch threads = {args.threads} "
         f"(2-core CPU), torch {torch.__version__}, Python {platform.python_version()}",
-        f"- command: `.venv/bin/python bench/bench_mae.py{' --quick' if args.quick else ''}` "
+        f"- command: `.venv/bin/python bench/bench_mae.py {' '.join(sys.argv[1:])}` "
         f"(steps={args.steps}, warmup={args.warmup}, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}); "
         f"whole run {total:.0f} s",
-        "- step = forward + backward + AdamW step, fp32, random input; mask ratio 0.75; encoder MLP "
+        "- step = forward + backward + AdamW step, fp32 (rows marked bf16: the loss under CPU bf16 "
+        "autocast, weights and optimizer fp32), random input; mask ratio 0.75; encoder MLP "
         "ratio 4; decoder 192 wide, 4 deep, 6 heads (ViT-S settings)",
         "- MONAI path: `monai.networks.nets.MaskedAutoEncoderViT` with the same sizes (qkv bias on, "
         "mlp_dim = 4 x width) and the same loss (MSE on hidden patches, raw pixels)",
