@@ -41,6 +41,7 @@ import numpy as np
 from medmim.config import Config, with_overrides
 from medmim.data.dataset import DataBundle, prepare_data, summarize
 from medmim.errors import ConfigError, MedmimError
+from medmim.eval.metrics import UNIT_INTERVAL_METRICS
 from medmim.io import atomic_path, write_json, write_text
 from medmim.train.loop import Runtime
 from medmim.train.rundir import RunDir, seed_everything
@@ -373,9 +374,6 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
 
 def _finite(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-UNIT_INTERVAL_METRICS = ("auroc", "ap", "accuracy", "balanced_accuracy", "dice")
 
 
 def summarize_rows(rows: list[dict], metric: str) -> list[dict]:

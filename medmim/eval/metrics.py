@@ -12,6 +12,7 @@ import numpy as np
 from sklearn import metrics as skm
 
 CLASSIFICATION_METRICS = ("auroc", "ap", "accuracy", "balanced_accuracy")
+UNIT_INTERVAL_METRICS = (*CLASSIFICATION_METRICS, "dice")  # bounded by [0, 1]: CIs are clipped there
 
 
 def binary_auroc(y: np.ndarray, score: np.ndarray) -> float:

@@ -13,12 +13,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 from medmim.io import atomic_path  # noqa: E402
 
 _STYLE = {"full": "-", "linear": "--"}
-BOUNDED = ("auroc", "accuracy", "balanced_accuracy", "ap", "dice")
 
 
 def plot_label_efficiency(summary: list[dict], metric: str, path: str | Path, title: str | None = None) -> Path:
     """The label-efficiency curve: test ``metric`` (mean over seeds, 95% CI band or ± std) against the
-    number of labelled images (log x), one line per initialisation × evaluation mode."""
+    number of labelled images (log x), one line per initialisation × evaluation mode. The CI band is
+    drawn as the summary gives it (``summarize_rows`` clips it to [0, 1] for bounded metrics)."""
     path = Path(path)
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
     lines: dict[tuple[str, str], list[dict]] = {}
@@ -38,8 +38,6 @@ def plot_label_efficiency(summary: list[dict], metric: str, path: str | Path, ti
               for p in pts]
         hi = [p["ci95_high"] if _finite(p.get("ci95_high")) else p[f"{metric}_mean"] + (p[f"{metric}_std"] or 0)
               for p in pts]
-        if metric in BOUNDED:  # a t-interval of 2-3 seeds can leave [0, 1]; the metric cannot
-            lo, hi = [max(0.0, v) for v in lo], [min(1.0, v) for v in hi]
         c = colours[init]
         ax.plot(x, y, _STYLE.get(mode, ":"), marker="o", color=c, label=f"{init} ({mode})")
         ax.fill_between(x, lo, hi, color=c, alpha=0.15, linewidth=0)
