@@ -27,16 +27,20 @@ def channel_first(arr: torch.Tensor, spatial_dims: int, key: str, where: str) ->
 
 
 def validate(arr: torch.Tensor, key: str, where: str) -> None:
-    """Empty, NaN/Inf and blank images are refused."""
+    """Empty, NaN/Inf and blank images are refused. Integer images cannot hold NaN/Inf, so the scan
+    runs on floating-point images only (on a plain tensor: MetaTensor bookkeeping is not needed here)."""
     if arr.numel() == 0 or min(arr.shape) == 0:
         raise DataError(f"{where}: empty {key} (shape {tuple(arr.shape)})")
-    arr_f = arr.float()
-    finite = torch.isfinite(arr_f)
-    if not bool(finite.all()):
-        bad = int((~finite).sum())
-        raise DataError(f"{where}: {key} holds NaN/Inf values ({bad} of {arr.numel()} voxels)")
-    if key == "image" and bool((arr_f == arr_f.reshape(-1)[0]).all()):
-        raise DataError(f"{where}: empty image (every voxel is {float(arr_f.reshape(-1)[0]):g})")
+    arr = arr.as_subclass(torch.Tensor) if type(arr) is not torch.Tensor else arr
+    if arr.is_floating_point() or arr.is_complex():
+        finite = torch.isfinite(arr)
+        if not bool(finite.all()):
+            bad = int((~finite).sum())
+            raise DataError(f"{where}: {key} holds NaN/Inf values ({bad} of {arr.numel()} voxels)")
+    if key == "image":
+        flat = arr.reshape(-1)
+        if bool((flat == flat[0]).all()):
+            raise DataError(f"{where}: empty image (every voxel is {float(flat[0]):g})")
 
 
 def check_pair(image: torch.Tensor, mask: torch.Tensor, where: str) -> None:

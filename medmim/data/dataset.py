@@ -30,6 +30,7 @@ from medmim.config import Config, DataConfig
 from medmim.data import manifest as mf
 from medmim.data.cache import cache_dir_for, file_stamp
 from medmim.data.checks import channel_first, check_pair, validate
+from medmim.data.fastpath import FastChain2D
 from medmim.data.presets import DEFAULT_FOR_MODALITY, crop_transforms, intensity_transform, preset_transforms
 from medmim.data.readers import read_image
 from medmim.data.splits import (apply_split_file, check_leakage, load_split_file, patient_split,
@@ -171,14 +172,38 @@ class LoadRecordd(mt.MapTransform):
         return d
 
 
-def deterministic_transforms(dc: DataConfig, preset: str, with_mask: bool) -> mt.Compose:
+class DeterministicChain(mt.Compose):
+    """The deterministic chain: a MONAI Compose (LoadRecordd -> preset -> size -> plain tensors),
+    which defines the result, plus a fast path for 2D pictures (``medmim.data.fastpath``) that gives
+    the same numbers without MONAI's per-item MetaTensor overhead. ``reference(item)`` always runs
+    the MONAI chain; ``fast=False`` switches the fast path off."""
+
+    def __init__(self, transforms, fast=None):
+        super().__init__(transforms)
+        self.fast = fast
+
+    def reference(self, data: dict) -> dict:
+        return super().__call__(data)
+
+    def __call__(self, data, *args, **kwargs):
+        if self.fast is not None and isinstance(data, dict) and not args and not kwargs:
+            out = self.fast(data)
+            if out is not None:
+                return out
+        return super().__call__(data, *args, **kwargs)
+
+
+def deterministic_transforms(dc: DataConfig, preset: str, with_mask: bool, fast: bool = True) -> DeterministicChain:
+    """File -> tensor for every caller (training, evaluation, prediction, anomaly scoring)."""
     keys = ["image", "mask"] if with_mask else ["image"]
-    return mt.Compose([
+    chain = [
         LoadRecordd(keys, dc.spatial_dims),
         *preset_transforms(preset, keys, spatial_dims=dc.spatial_dims, image_size=dc.image_size,
                            resize=dc.resize, orientation=dc.orientation, target_spacing=dc.target_spacing),
         mt.EnsureTyped(keys, data_type="tensor", track_meta=False),
-    ])
+    ]
+    fast_path = FastChain2D(preset, keys, dc.image_size, dc.resize) if (fast and dc.spatial_dims == 2) else None
+    return DeterministicChain(chain, fast=fast_path)
 
 
 def augment_transforms(dc: DataConfig, with_mask: bool, stage: str = "finetune") -> mt.Compose:
