@@ -106,47 +106,12 @@ def _cfg(args):
     return load_config(args.config, args.overrides)
 
 
-def _init_distributed(cfg) -> None:
-    """Under torchrun, join the process group first thing (nccl on CUDA, gloo on CPU); ranks other
-    than 0 keep stderr (errors) but print nothing to stdout. Without torchrun: nothing happens."""
-    import os
-
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return
-    import torch
-
-    from medmim.train.distributed import init_from_env
-
-    cuda = cfg.run.device == "cuda" or (cfg.run.device == "auto" and torch.cuda.is_available())
-    info = init_from_env("cuda" if cuda else "cpu")
-    if not info.is_main:
-        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
-
-
-def _prepare_data_rank0_first(cfg):
-    """Rank 0 reads (and, for phantoms, writes) the data first; the others then read what it wrote."""
-    from medmim.data.dataset import prepare_data
-    from medmim.train.distributed import barrier, current
-
-    main_rank = current().is_main
-    if not main_rank:
-        barrier()
-    data = prepare_data(cfg)
-    if main_rank:
-        barrier()
-    return data
-
-
 def cmd_demo(args) -> int:
     from pipelines.label_efficiency import format_table, run_study, summarize_rows
     from medmim.eval.report import comparison
-    from medmim.train.distributed import current
 
     cfg = _cfg(args)
-    _init_distributed(cfg)
-    if current().enabled:
-        _prepare_data_rank0_first(cfg)  # e.g. phantoms written once, before every rank reads them
-    rows = run_study(cfg)
+    rows = run_study(cfg)  # its set-up joins torchrun's process group, reads the data rank 0 first
     metric = cfg.study.metric
     summary = summarize_rows(rows, metric)
     print("\n" + format_table(summary, metric))
@@ -165,18 +130,12 @@ def cmd_study(args) -> int:
 
 
 def _stage_setup(args):
-    from medmim.data.dataset import summarize
-    from medmim.train.loop import Runtime
-    from medmim.train.rundir import RunDir, seed_everything
+    """(cfg, run, data, runtime) of a stage verb: the config from the arguments, then the one
+    run set-up every verb and pipeline shares (medmim.train.setup.setup_run)."""
+    from medmim.train.setup import setup_run
 
     cfg = _cfg(args)
-    _init_distributed(cfg)
-    seed_everything(cfg.run.seed, cfg.run.num_threads)
-    run = RunDir.create(Path(cfg.run.out_dir) / cfg.run.name)
-    data = _prepare_data_rank0_first(cfg)
-    run.save_config(cfg)
-    run.save_environment(cfg.run.seed, data.fingerprint, {"data": summarize(data)})
-    return cfg, run, data, Runtime.from_config(cfg.run)
+    return (cfg, *setup_run(cfg))
 
 
 def _report_skipped(data, run) -> None:

@@ -133,6 +133,9 @@ class FinetuneConfig(OptimSettings):
     seg_feature_size: int = Field(16, ge=4)  # decoder width
     seg_patch_size: Optional[int] = Field(None, ge=8)  # train on random crops; sliding-window inference
     sw_overlap: float = Field(0.25, ge=0, lt=1)  # sliding-window overlap
+    # validation passes per run, at most: spread evenly over the optimizer steps, always after the last
+    # one (best-checkpoint selection sees only these); 0 = after every epoch
+    max_evals: int = Field(20, ge=0)
 
 
 class StudyConfig(Section):

@@ -39,12 +39,13 @@ from typing import Any, Callable
 import numpy as np
 
 from medmim.config import Config, with_overrides
-from medmim.data.dataset import DataBundle, prepare_data, summarize
+from medmim.data.dataset import DataBundle
 from medmim.errors import ConfigError, MedmimError
 from medmim.eval.metrics import UNIT_INTERVAL_METRICS
 from medmim.io import atomic_path, write_json, write_text
 from medmim.train.loop import Runtime
-from medmim.train.rundir import RunDir, seed_everything
+from medmim.train.rundir import RunDir
+from medmim.train.setup import setup_run
 from medmim.train.stages import finetune_stage, pretrain_stage
 
 SCRATCH = ("scratch", "none")
@@ -184,12 +185,7 @@ def run_study(cfg: Config, *, resume: bool = True, log: Callable[[str], None] = 
     if len(set(keys)) != len(keys):
         raise ConfigError(f"study.inits: two entries share the folder name ({keys})")
     init_cfgs = {i.entry: init_config(cfg, i) for i in inits}  # fail on bad overrides before any work
-    seed_everything(cfg.run.seed, cfg.run.num_threads)
-    runtime = Runtime.from_config(cfg.run)
-    root = RunDir.create(Path(cfg.run.out_dir) / cfg.run.name)
-    data = prepare_data(cfg)
-    root.save_config(cfg)
-    root.save_environment(cfg.run.seed, data.fingerprint, {"data": summarize(data)})
+    root, data, runtime = setup_run(cfg)
     if root.writer:
         write_json(root.path / "data_card.json", data_card(cfg, data))
 

@@ -128,7 +128,16 @@ def _tensors(path: Path) -> dict[str, torch.Tensor]:
 
 def _json(path: Path, name: str):
     obj = json.loads(path.read_text().replace(name, "<RUN>"))
-    return {k: v for k, v in obj.items() if k != "epoch_time_s"} if isinstance(obj, dict) else obj
+    return _untimed(obj)
+
+
+def _untimed(obj):
+    """``obj`` without its wall-clock fields (``epoch_time_s``, ``time_s``), at any depth."""
+    if isinstance(obj, dict):
+        return {k: _untimed(v) for k, v in obj.items() if not k.endswith("time_s")}
+    if isinstance(obj, list):
+        return [_untimed(v) for v in obj]
+    return obj
 
 
 def _literal(text: str):

@@ -22,7 +22,7 @@ from medmim.data.dataset import make_loader, set_loader_epoch
 from medmim.errors import MedmimError
 from medmim.train.checkpoint import safe_torch_load
 from medmim.train.distributed import GlobalBatchSampler, ShardBatchSampler, all_gather_cat, all_reduce_sum
-from medmim.train.loop import Runtime, TrainingDiverged, fit, resolve_precision
+from medmim.train.loop import Runtime, Task, TrainingDiverged, eval_epochs, fit, resolve_precision
 from medmim.train.rundir import RunDir, seed_everything
 
 # ---------------------------------------------------------------------------------------------
@@ -53,7 +53,7 @@ class ToyNet(nn.Module):
         return self.body(x)
 
 
-class ToyTask:
+class ToyTask(Task):
     """Classification with a mean loss; evaluation gathers predictions across ranks."""
 
     def __init__(self, model: nn.Module, fail_at: int | None = None, nan_at: int | None = None):
@@ -105,7 +105,7 @@ def run_toy(out: Path, *, settings: FinetuneConfig | None = None, n: int = 22, n
                         world_size=world_size)
     val = make_loader(toy_items(n_val, seed=11), 4, shuffle=False, seed=seed, rank=rank, world_size=world_size)
     result = fit(task, train, settings, RunDir.create(out), Runtime(torch.device("cpu"), None), val_loader=val,
-                 monitor="val_acc", resume=resume, stage="toy", log=lambda m: None)
+                 monitor="val_acc", resume=resume, stage="toy", max_evals=settings.max_evals, log=lambda m: None)
     return result, task
 
 
@@ -314,3 +314,32 @@ def test_append_after_a_line_cut_short_keeps_the_new_record(tmp_path):
     append_jsonl(f, {"a": 3})
     lines = f.read_text().splitlines()
     assert json.loads(lines[0]) == {"a": 1} and json.loads(lines[-1]) == {"a": 3}
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluation scheduled by optimizer steps
+
+
+@pytest.mark.parametrize("spe,epochs,max_evals", [(1, 150, 20), (3, 7, 3), (5, 4, 20), (2, 10, 0), (1, 21, 20)])
+def test_eval_epochs_are_at_most_max_evals_evenly_spread_and_include_the_last(spe, epochs, max_evals):
+    got = sorted(eval_epochs(spe, epochs, max_evals))
+    if max_evals == 0 or max_evals >= epochs:
+        assert got == list(range(epochs))
+        return
+    assert len(got) == max_evals and got[-1] == epochs - 1
+    # evaluation k runs at the end of the epoch holding optimizer step ceil(k * total / max_evals)
+    total = spe * epochs
+    gaps = np.diff([-1] + got) * spe
+    assert gaps.max() - gaps.min() <= spe + 1 and abs(gaps.mean() - total / max_evals) < spe
+
+
+def test_fit_validates_only_on_the_scheduled_epochs_and_splits_its_time(tmp_path):
+    settings = toy_settings(epochs=6, max_evals=2)  # 22 samples, batch 8: 3 steps per epoch, 18 in all
+    result, _ = run_toy(tmp_path, settings=settings)
+    rows = metrics_of(tmp_path)
+    assert [r["epoch"] for r in rows if "val_acc" in r] == [2, 5]  # steps 9 and 18
+    best_epoch = int(safe_torch_load(tmp_path / "checkpoints" / "best.pt")["epoch"])
+    assert best_epoch in (2, 5)
+    assert result["best"] == max(r["val_acc"] for r in rows if "val_acc" in r)
+    assert set(result["time_s"]) == {"train", "val", "data"} and min(result["time_s"].values()) >= 0
+    assert result["time_s"]["val"] > 0 and result["time_s"]["data"] > 0

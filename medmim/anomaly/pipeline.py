@@ -160,10 +160,9 @@ def _normal_scores(out: dict, meta: list[dict], kind: str) -> np.ndarray:
 
 # ---- train --------------------------------------------------------------------------------------
 def setup(cfg: Config) -> tuple[RunDir, DataBundle, Runtime]:
-    seed_everything(cfg.run.seed, cfg.run.num_threads)
-    run = RunDir.create(Path(cfg.run.out_dir) / cfg.run.name)
-    data = prepare_data(cfg)
-    return run, data, Runtime.from_config(cfg.run)
+    from medmim.train.setup import setup_run
+
+    return setup_run(cfg, record=False)
 
 
 def train_anomaly(cfg: Config, *, resume: bool = False, log: Callable[[str], None] = print) -> dict:

@@ -1,15 +1,16 @@
 """One training loop for every task: pretraining, classification, segmentation, anomaly models.
 
-A *task* owns the model and knows how to turn a batch into a loss and how to evaluate:
+A *task* (a :class:`Task` subclass) owns the model and knows how to turn a batch into a loss and
+how to evaluate:
 
     task.model                          nn.Module (the loop moves it, wraps it in DDP)
     task.training_step(model, batch)    -> {"loss": tensor, ...scalars to log}
-    task.evaluate(model, loader, runtime) -> {"metric": float, ...}     (optional)
-    task.param_groups(weight_decay)     -> optimizer groups with optional "lr_scale" (optional)
-    task.after_step(step, total)        called after every optimizer step (optional); it must be a
-                                        function of (step, total) only (a schedule), because a
-                                        resumed run calls it once with the restored step
-    task.find_unused_parameters         bool for DDP (optional)
+    task.evaluate(model, loader, runtime) -> {"metric": float, ...}     (default: {})
+    task.param_groups(weight_decay)     -> optimizer groups with optional "lr_scale"
+    task.after_step(step, total)        called after every optimizer step; a function of
+                                        (step, total) only (a schedule), because a resumed run
+                                        calls it once with the restored step
+    task.find_unused_parameters         bool for DDP
 
 ``loss`` is the *mean* over the batch's samples: the loop weights each batch by its share of the
 samples of an optimizer step, so gradient accumulation and DDP give the gradient of the mean loss
@@ -17,7 +18,8 @@ over the whole (global) batch, even for a short last batch.
 
 The loop adds: AdamW with warm-up + cosine, bf16 autocast on CUDA (fp32 on CPU), gradient
 accumulation and clipping, a NaN/Inf guard (TrainingDiverged; the last good checkpoint is kept),
-metrics as JSON lines, atomic `last`/`best` checkpoints with RNG state (at each epoch end and every
+validation at most ``max_evals`` times per run (evenly spaced over the optimizer steps, always
+after the last), a train / val / data split of the wall-clock time, metrics as JSON lines, atomic `last`/`best` checkpoints with RNG state (at each epoch end and every
 ``checkpoint_every_steps`` optimizer steps), exact resume (mid-epoch too: the already consumed
 batches of the deterministic order are skipped), and DDP (gradients averaged by DDP, metrics
 reduced across ranks, only rank 0 writes or logs).
@@ -112,103 +114,157 @@ def resolve_precision(precision: str, device_type: str) -> Optional[torch.dtype]
     return torch.bfloat16 if precision == "bf16" else None
 
 
-def fit(task, train_loader, settings: OptimSettings, run: RunDir, runtime: Runtime, *,
-        val_loader=None, monitor: str | None = None, monitor_mode: str = "max", resume: bool = False,
-        stage: str = "train", on_epoch_end: Callable[[int, nn.Module], None] | None = None,
-        log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Train ``task`` for ``settings.epochs`` epochs; return the final (and best) metrics.
+class Task:
+    """What the loop trains. Subclasses set ``self.model`` and implement ``training_step``; the rest
+    has defaults.
 
-    With ``resume``: a stage that finished returns its recorded result at once (and ``task.model``
-    holds its final weights); one that was cut off continues from its last checkpoint (end of an
-    epoch, or every ``settings.checkpoint_every_steps`` optimizer steps) with the same model,
-    optimizer, schedule, RNG states and data order, skipping the batches it had already consumed,
-    so that it ends with the same numbers as a run that was never interrupted.
+    ``find_unused_parameters``: tell DDP that some parameters may get no gradient (optional parts).
     """
-    info = current()
-    say = log if info.is_main else (lambda _msg: None)
-    done_file = run.path / "done.json"
-    last_path = run.checkpoints / "last.pt"
-    model = task.model.to(runtime.device)
-    if resume and done_file.exists():
-        if last_path.exists():
-            model.load_state_dict(safe_torch_load(last_path)["model"])
-        return json.loads(done_file.read_text())
 
-    groups = task.param_groups(settings.weight_decay) if hasattr(task, "param_groups") else \
-        default_param_groups(model, settings.weight_decay)
-    for g in groups:
-        g["lr"] = settings.lr * g.get("lr_scale", 1.0)
-    optimizer = torch.optim.AdamW(groups, lr=settings.lr, betas=(0.9, 0.95))
-    accum = settings.grad_accum
-    n_batches = len(train_loader)
-    steps_per_epoch = max(1, math.ceil(n_batches / accum))
-    total = steps_per_epoch * settings.epochs
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_cosine(total, int(settings.warmup_epochs * steps_per_epoch)))
-    ddp_model: nn.Module = model
-    if info.enabled:
-        ddp_model = DDP(model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None,
-                        find_unused_parameters=getattr(task, "find_unused_parameters", False))
+    model: nn.Module
+    find_unused_parameters: bool = False
 
-    start_epoch, skip, step, best = 0, 0, 0, None
-    carried: Optional[torch.Tensor] = None  # this rank's loss sums of a resumed, cut-off epoch
-    metrics: dict[str, Any] = {}
-    if resume and last_path.exists():
-        ckpt = safe_torch_load(last_path)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
+    def training_step(self, model: nn.Module, batch: Any) -> dict[str, Any]:
+        """``{"loss": mean loss over the batch's samples, ...}``; ``model`` may be the DDP wrapper."""
+        raise NotImplementedError
+
+    def evaluate(self, model: nn.Module, loader, runtime: "Runtime") -> dict[str, float]:
+        """Validation metrics (names without the ``val_`` prefix); {} when the task has none."""
+        return {}
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """Optimizer groups, each with an optional ``lr_scale``."""
+        return default_param_groups(self.model, weight_decay)
+
+    def after_step(self, step: int, total: int) -> None:
+        """Called after every optimizer step. A function of (step, total) only (a schedule):
+        a resumed run calls it once with the restored step."""
+
+
+def eval_epochs(steps_per_epoch: int, epochs: int, max_evals: int) -> set[int]:
+    """The epochs whose end runs validation: at most ``max_evals`` evaluations, spaced evenly over
+    the optimizer steps (step ``ceil(k * total / max_evals)``, k = 1..max_evals, rounded up to the
+    end of its epoch), the last step always among them. ``max_evals`` 0: every epoch."""
+    total = steps_per_epoch * epochs
+    if max_evals <= 0 or max_evals >= epochs:
+        return set(range(epochs))
+    return {(math.ceil(k * total / max_evals) - 1) // steps_per_epoch for k in range(1, max_evals + 1)}
+
+
+class _Timer:
+    """Wall-clock seconds spent waiting for data, validating, and in the rest (training)."""
+
+    def __init__(self, state: dict | None = None):
+        self.s = {"train": 0.0, "val": 0.0, "data": 0.0, **(state or {})}
+
+    def add(self, key: str, seconds: float) -> None:
+        self.s[key] += seconds
+
+
+def _timed_batches(batches, timer: _Timer):
+    it = iter(batches)
+    while True:
+        t = time.perf_counter()
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        timer.add("data", time.perf_counter() - t)
+        yield batch
+
+
+class _Fit:
+    """The state of one ``fit`` call, split into restore / run an epoch / end an epoch."""
+
+    def __init__(self, task: Task, train_loader, settings: OptimSettings, run: RunDir, runtime: Runtime,
+                 val_loader, monitor: str | None, monitor_mode: str, stage: str, max_evals: int,
+                 on_epoch_end, log):
+        self.info = current()
+        self.say = log if self.info.is_main else (lambda _msg: None)
+        self.task, self.loader, self.settings, self.run, self.runtime = task, train_loader, settings, run, runtime
+        self.val_loader, self.monitor, self.monitor_mode, self.stage = val_loader, monitor, monitor_mode, stage
+        self.on_epoch_end = on_epoch_end
+        self.last_path = run.checkpoints / "last.pt"
+        self.model = task.model.to(runtime.device)
+        groups = task.param_groups(settings.weight_decay)
+        for g in groups:
+            g["lr"] = settings.lr * g.get("lr_scale", 1.0)
+        self.optimizer = torch.optim.AdamW(groups, lr=settings.lr, betas=(0.9, 0.95))
+        self.accum = settings.grad_accum
+        self.n_batches = len(train_loader)
+        self.steps_per_epoch = max(1, math.ceil(self.n_batches / self.accum))
+        self.total = self.steps_per_epoch * settings.epochs
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, warmup_cosine(self.total, int(settings.warmup_epochs * self.steps_per_epoch)))
+        self.evals = eval_epochs(self.steps_per_epoch, settings.epochs, max_evals)
+        self.ddp_model: nn.Module = self.model
+        if self.info.enabled:
+            self.ddp_model = DDP(self.model, device_ids=[runtime.device.index] if runtime.device.type == "cuda"
+                                 else None, find_unused_parameters=task.find_unused_parameters)
+        self.start_epoch, self.skip, self.step, self.best = 0, 0, 0, None
+        self.carried: Optional[torch.Tensor] = None  # this rank's loss sums of a resumed, cut-off epoch
+        self.metrics: dict[str, Any] = {}
+        self.timer = _Timer()
+
+    # ---- restore -------------------------------------------------------------------------------
+    def restore(self) -> None:
+        """Continue from ``last.pt``: weights, optimizer, schedule, RNGs, the position in the epoch."""
+        info = self.info
+        ckpt = safe_torch_load(self.last_path)
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
         ranks_rng = ckpt.get("rng_ranks") or []
         set_rng_state(ranks_rng[info.rank] if len(ranks_rng) == info.world_size else ckpt["rng"])
-        step, best, metrics = ckpt["step"], ckpt.get("best"), dict(ckpt.get("metrics") or {})
+        self.step, self.best, self.metrics = ckpt["step"], ckpt.get("best"), dict(ckpt.get("metrics") or {})
+        self.timer = _Timer(ckpt.get("time_s"))
         if ckpt.get("batch"):  # cut off inside an epoch
-            start_epoch, skip = ckpt["epoch"], int(ckpt["batch"])
+            self.start_epoch, self.skip = ckpt["epoch"], int(ckpt["batch"])
             sums = ckpt["sums"]
-            carried = sums[info.rank].clone() if sums.shape[0] == info.world_size else \
+            self.carried = sums[info.rank].clone() if sums.shape[0] == info.world_size else \
                 (sums.sum(0) if info.is_main else torch.zeros(2, dtype=torch.float64))
         else:
-            start_epoch = ckpt["epoch"] + 1
-        if step and hasattr(task, "after_step"):
-            task.after_step(step, total)  # schedules that follow the step count (idempotent)
-        say(f"[{stage}] resumed from {last_path} at epoch {start_epoch + 1}"
-            + (f", batch {skip + 1}/{n_batches}" if skip else ""))
-    elif run.writer:
-        done_file.unlink(missing_ok=True)
-    run.keep_metrics(lambda r: r.get("stage") != stage or int(r.get("epoch", -1)) < start_epoch)
+            self.start_epoch = ckpt["epoch"] + 1
+        if self.step:
+            self.task.after_step(self.step, self.total)  # schedules that follow the step count (idempotent)
+        self.say(f"[{self.stage}] resumed from {self.last_path} at epoch {self.start_epoch + 1}"
+                 + (f", batch {self.skip + 1}/{self.n_batches}" if self.skip else ""))
 
-    def state(epoch: int, batch: int, sums: Optional[torch.Tensor]) -> dict[str, Any]:
+    def state(self, epoch: int, batch: int, sums: Optional[torch.Tensor]) -> dict[str, Any]:
         rngs = gather_objects(rng_state())  # collective: every rank calls it at the same point
-        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "rng": rngs[0], "rng_ranks": rngs,
-                "epoch": epoch, "batch": batch, "step": step, "best": best, "metrics": metrics,
-                "sums": sums, "world_size": info.world_size}
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "rng": rngs[0], "rng_ranks": rngs,
+                "epoch": epoch, "batch": batch, "step": self.step, "best": self.best, "metrics": self.metrics,
+                "sums": sums, "world_size": self.info.world_size, "time_s": dict(self.timer.s)}
 
-    every = getattr(settings, "checkpoint_every_steps", 0) or 0
-    for epoch in range(start_epoch, settings.epochs):
-        t0 = time.time()
-        ddp_model.train()
-        set_loader_epoch(train_loader, epoch)
-        first = skip if epoch == start_epoch else 0
-        plan = _plan(train_loader, n_batches)
+    # ---- one epoch -----------------------------------------------------------------------------
+    def run_epoch(self, epoch: int) -> torch.Tensor:
+        """Train one epoch (from the resumed batch, if any); return this rank's (loss sum, count)."""
+        info, settings, accum, n_batches = self.info, self.settings, self.accum, self.n_batches
+        self.ddp_model.train()
+        set_loader_epoch(self.loader, epoch)
+        first = self.skip if epoch == self.start_epoch else 0
+        plan = _plan(self.loader, n_batches)
         weights = _loss_weights(plan, accum, info.world_size, n_batches)
-        sums = carried if (first and carried is not None) else torch.zeros(2, dtype=torch.float64)
-        batches = _batches_from(train_loader, first)
-        optimizer.zero_grad(set_to_none=True)
-        for i, batch in enumerate(batches, start=first):
-            batch = to_device(batch, runtime.device)
+        sums = self.carried if (first and self.carried is not None) else torch.zeros(2, dtype=torch.float64)
+        every = settings.checkpoint_every_steps or 0
+        t_start, data0 = time.perf_counter(), self.timer.s["data"]
+        self.optimizer.zero_grad(set_to_none=True)
+        for i, batch in enumerate(_timed_batches(_batches_from(self.loader, first), self.timer), start=first):
+            batch = to_device(batch, self.runtime.device)
             last_micro = (i + 1) % accum == 0 or i + 1 == n_batches
-            sync = nullcontext() if (last_micro or not info.enabled) else ddp_model.no_sync()
+            sync = nullcontext() if (last_micro or not info.enabled) else self.ddp_model.no_sync()
             with sync:
-                with runtime.autocast():
-                    out = task.training_step(ddp_model, batch)
+                with self.runtime.autocast():
+                    out = self.task.training_step(self.ddp_model, batch)
                 loss = out["loss"]
                 value = loss.detach().float()
                 local_ok = bool(torch.isfinite(value).all())
                 if any_rank(not local_ok):
                     what = f"{value.item()}" if not local_ok else "NaN/Inf on another rank"
                     raise TrainingDiverged(
-                        f"[{stage}] loss became {what} at epoch {epoch + 1}, batch {i + 1} (step {step}); "
-                        f"stopped. The last good checkpoint is kept at {last_path}. "
+                        f"[{self.stage}] loss became {what} at epoch {epoch + 1}, batch {i + 1} (step {self.step}); "
+                        f"stopped. The last good checkpoint is kept at {self.last_path}. "
                         f"Try a lower lr or set clip_grad.")
                 if weights is not None:
                     n_real, w = plan[i][0], weights[i]
@@ -217,49 +273,98 @@ def fit(task, train_loader, settings: OptimSettings, run: RunDir, runtime: Runti
                 (loss * w).backward()
             sums += torch.tensor([value.item() * n_real, n_real], dtype=torch.float64)
             if last_micro:
-                if settings.clip_grad:
-                    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), settings.clip_grad)
-                    if not torch.isfinite(norm):
-                        raise TrainingDiverged(
-                            f"[{stage}] gradient norm became {norm.item()} at epoch {epoch + 1}, step {step}; "
-                            f"stopped. The last good checkpoint is kept at {last_path}.")
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                if hasattr(task, "after_step"):
-                    task.after_step(step, total)
-                if every and step % every == 0 and i + 1 < n_batches:
-                    per_rank = all_gather_cat(sums[None])
-                    ckpt = state(epoch, i + 1, per_rank)
-                    if run.writer:
-                        save_checkpoint(ckpt, last_path)
+                self._optimizer_step(epoch)
+                if every and self.step % every == 0 and i + 1 < n_batches:
+                    ckpt = self.state(epoch, i + 1, all_gather_cat(sums[None]))
+                    if self.run.writer:
+                        save_checkpoint(ckpt, self.last_path)
+        self.timer.add("train", time.perf_counter() - t_start - (self.timer.s["data"] - data0))
+        return sums
+
+    def _optimizer_step(self, epoch: int) -> None:
+        if self.settings.clip_grad:
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.clip_grad)
+            if not torch.isfinite(norm):
+                raise TrainingDiverged(
+                    f"[{self.stage}] gradient norm became {norm.item()} at epoch {epoch + 1}, step {self.step}; "
+                    f"stopped. The last good checkpoint is kept at {self.last_path}.")
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.task.after_step(self.step, self.total)
+
+    # ---- end of an epoch -----------------------------------------------------------------------
+    def end_epoch(self, epoch: int, sums: torch.Tensor, t0: float) -> None:
+        """Log the epoch, validate when scheduled, keep the best, checkpoint."""
         totals = all_reduce_sum(sums)
-        metrics = {"stage": stage, "epoch": epoch, "step": step,
+        metrics = {"stage": self.stage, "epoch": epoch, "step": self.step,
                    "train_loss": float(totals[0] / max(float(totals[1]), 1.0)),
-                   "lr": scheduler.get_last_lr()[0], "epoch_time_s": round(time.time() - t0, 3)}
-        if val_loader is not None and hasattr(task, "evaluate"):
-            metrics.update({f"val_{k}": v for k, v in task.evaluate(model, val_loader, runtime).items()})
+                   "lr": self.scheduler.get_last_lr()[0], "epoch_time_s": round(time.time() - t0, 3)}
+        if self.val_loader is not None and epoch in self.evals:
+            tv = time.perf_counter()
+            metrics.update({f"val_{k}": v for k, v in self.task.evaluate(self.model, self.val_loader,
+                                                                         self.runtime).items()})
+            self.timer.add("val", time.perf_counter() - tv)
         improved = False
+        monitor = self.monitor
         if monitor is not None and monitor in metrics and metrics[monitor] == metrics[monitor]:
             value = metrics[monitor]
-            if best is None or (value > best if monitor_mode == "max" else value < best):
-                best, improved = value, True
-        metrics["best"] = best
+            if self.best is None or (value > self.best if self.monitor_mode == "max" else value < self.best):
+                self.best, improved = value, True
+        metrics["best"] = self.best
+        self.metrics = metrics
         # order matters for a kill at any point: the metrics line first (a resumed run drops it and
         # logs it again), then best.pt, then last.pt (which moves the resume point past this epoch)
-        run.log_metrics(metrics)
-        say(f"[{stage}] epoch {epoch + 1}/{settings.epochs} "
-            + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()
-                       if isinstance(v, float) and k not in ("lr", "best")))
-        if on_epoch_end is not None:
-            on_epoch_end(epoch, model)
-        ckpt = state(epoch, 0, None)
-        if run.writer:
+        self.run.log_metrics(metrics)
+        self.say(f"[{self.stage}] epoch {epoch + 1}/{self.settings.epochs} "
+                 + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()
+                            if isinstance(v, float) and k not in ("lr", "best")))
+        if self.on_epoch_end is not None:
+            self.on_epoch_end(epoch, self.model)
+        ckpt = self.state(epoch, 0, None)
+        if self.run.writer:
             if improved or monitor is None:
-                save_checkpoint({"model": ckpt["model"], "epoch": epoch, "best": best}, run.checkpoints / "best.pt")
-            save_checkpoint(ckpt, last_path)
-    result = {**metrics, "best": best}
+                save_checkpoint({"model": ckpt["model"], "epoch": epoch, "best": self.best},
+                                self.run.checkpoints / "best.pt")
+            save_checkpoint(ckpt, self.last_path)
+
+
+def fit(task: Task, train_loader, settings: OptimSettings, run: RunDir, runtime: Runtime, *,
+        val_loader=None, monitor: str | None = None, monitor_mode: str = "max", resume: bool = False,
+        stage: str = "train", max_evals: int = 0, on_epoch_end: Callable[[int, nn.Module], None] | None = None,
+        log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train ``task`` for ``settings.epochs`` epochs; return the final (and best) metrics.
+
+    Validation (``val_loader``) runs at the end of the epochs :func:`eval_epochs` picks: at most
+    ``max_evals`` times, spread evenly over the optimizer steps, always after the last one (0: every
+    epoch). The result's ``time_s`` splits the wall-clock time into train / val / data (waiting
+    for batches).
+
+    With ``resume``: a stage that finished returns its recorded result at once (and ``task.model``
+    holds its final weights); one that was cut off continues from its last checkpoint (end of an
+    epoch, or every ``settings.checkpoint_every_steps`` optimizer steps) with the same model,
+    optimizer, schedule, RNG states and data order, skipping the batches it had already consumed,
+    so that it ends with the same numbers as a run that was never interrupted.
+    """
+    done_file = run.path / "done.json"
+    last_path = run.checkpoints / "last.pt"
+    if resume and done_file.exists():
+        model = task.model.to(runtime.device)
+        if last_path.exists():
+            model.load_state_dict(safe_torch_load(last_path)["model"])
+        return json.loads(done_file.read_text())
+    f = _Fit(task, train_loader, settings, run, runtime, val_loader, monitor, monitor_mode, stage, max_evals,
+             on_epoch_end, log)
+    if resume and last_path.exists():
+        f.restore()
+    elif run.writer:
+        done_file.unlink(missing_ok=True)
+    run.keep_metrics(lambda r: r.get("stage") != stage or int(r.get("epoch", -1)) < f.start_epoch)
+    for epoch in range(f.start_epoch, settings.epochs):
+        t0 = time.time()
+        f.end_epoch(epoch, f.run_epoch(epoch), t0)
+    result = {**f.metrics, "best": f.best, "time_s": {k: round(v, 3) for k, v in f.timer.s.items()}}
     if run.writer:
         write_json(done_file, result)
     barrier()  # every rank may read last.pt / best.pt / done.json after this

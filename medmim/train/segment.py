@@ -18,15 +18,15 @@ from monai import transforms as mt
 from torch import nn
 
 from medmim.config import Config
-from medmim.data.dataset import DataBundle, augment_transforms, make_loader
+from medmim.data.dataset import DataBundle, augment_transforms
 from medmim.errors import MedmimError
 from medmim.eval.metrics import segmentation_case_metrics, summarize_segmentation
 from medmim.models.segmentation import Segmenter
-from medmim.train.checkpoint import safe_torch_load
-from medmim.train.distributed import all_gather_cat, current
-from medmim.train.loop import Runtime, fit, to_device
-from medmim.train.tasks import SupervisedTask
+from medmim.train.distributed import all_gather_cat
+from medmim.train.loop import Runtime, to_device
 from medmim.train.rundir import RunDir
+from medmim.train.stages import SupervisedHead, supervised_stage
+from medmim.train.tasks import SupervisedTask
 
 
 def sliding_window_logits(model: nn.Module, x: torch.Tensor, roi: tuple[int, ...] | None, overlap: float = 0.25,
@@ -110,71 +110,64 @@ class RandForegroundCropd(mt.Randomizable, mt.MapTransform):
         return out[0] if isinstance(out, list) else out
 
 
+def _roi(cfg: Config) -> tuple[int, ...] | None:
+    """The training crop (and sliding-window size): ``finetune.seg_patch_size`` when smaller than the image."""
+    patch = cfg.finetune.seg_patch_size
+    return (patch,) * cfg.data.spatial_dims if patch and patch < cfg.data.image_size else None
+
+
+class SegmentHead(SupervisedHead):
+    """Segmentation for :func:`medmim.train.stages.supervised_stage`: UNet / UNETR decoder, Dice + CE,
+    best checkpoint by validation Dice, test Dice and HD95 with a bootstrap CI of the mean Dice."""
+
+    stage = "segment"
+    monitor = "val_dice"
+    eval_batch = 8  # sliding-window inference holds many windows per image
+    with_mask = True
+
+    def check(self, cfg, train, val, test):
+        k = cfg.finetune.num_seg_classes
+        if not train:
+            raise MedmimError("segmentation needs masks: no training record has a 'mask' column")
+        if not val:
+            raise MedmimError("segmentation fine-tuning needs a validation split with masks")
+        for items in (train, val, test):
+            for it in items:
+                it["mask"] = it["mask"].round().clamp(0, k - 1)
+                it.pop("label", None)
+        top = max(int(it["mask"].max()) for it in train)
+        if top >= k:
+            raise MedmimError(f"masks hold label {top} but finetune.num_seg_classes is {k}")
+
+    def augment(self, cfg):
+        augment = augment_transforms(cfg.data, with_mask=True)
+        roi = _roi(cfg)
+        return mt.Compose([*augment.transforms, RandForegroundCropd(roi)]) if roi else augment
+
+    def trains_encoder(self, cfg):
+        return True  # a segmenter has no linear-probe mode
+
+    def build(self, cfg, encoder, train_items, groups_fn, freeze_epochs):
+        fc = cfg.finetune
+        model = Segmenter(encoder, fc.num_seg_classes, decoder=fc.seg_decoder, feature_size=fc.seg_feature_size)
+        task = SegmentationTask(model, fc.num_seg_classes, roi=_roi(cfg), overlap=fc.sw_overlap,
+                                param_groups_fn=groups_fn, freeze_epochs=freeze_epochs, epochs=fc.epochs,
+                                hd95=False)  # HD95 on test only: it costs more than the rest of validation
+        return model, task
+
+    def test(self, cfg, task, model, loader, runtime, seed):
+        task.hd95 = True
+        return task.evaluate(model, loader, runtime, bootstrap=cfg.finetune.bootstrap, seed=seed)
+
+    def describe(self, cfg, model):
+        roi = _roi(cfg)
+        return {"head": "segment", "decoder": model.kind}, \
+            {"num_seg_classes": cfg.finetune.num_seg_classes, "roi": list(roi) if roi else None}
+
+
 def segment_stage(cfg: Config, data: DataBundle, run: RunDir, runtime: Runtime, *,
                   init: str | Path | None, resume: bool = True, seed: int | None = None,
                   log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Fine-tune a segmenter on a label fraction of the train split; evaluate the best-val model on test.
-
-    ``init``: None = from scratch, a medmim export (MAE/SparK ``encoder.safetensors``) or MONAI-format
-    ViT weights. Writes ``result.json`` (test Dice, HD95, per-class values, Dice 95% CI).
-    """
-    from medmim.models.heads import layer_decay_groups
-    from medmim.models.monai_compat import load_init_weights
-    from medmim.train.stages import build_encoder_for, labelled_items, start_stage
-
-    fc = cfg.finetune
-    seed, finished = start_stage(cfg, run, seed, resume)
-    if finished is not None:
-        return finished
-    run.save_config(cfg)  # `medmim predict` rebuilds the model from it
-    train_items, val_items, test_items = labelled_items(cfg, data, seed, with_mask=True)
-    if not train_items:
-        raise MedmimError("segmentation needs masks: no training record has a 'mask' column")
-    if not val_items:
-        raise MedmimError("segmentation fine-tuning needs a validation split with masks")
-    for items in (train_items, val_items, test_items):
-        for it in items:
-            it["mask"] = it["mask"].round().clamp(0, fc.num_seg_classes - 1)
-            it.pop("label", None)
-    top = max(int(it["mask"].max()) for it in train_items)
-    if top >= fc.num_seg_classes:
-        raise MedmimError(f"masks hold label {top} but finetune.num_seg_classes is {fc.num_seg_classes}")
-    d = cfg.data.spatial_dims
-    patch = fc.seg_patch_size if fc.seg_patch_size and fc.seg_patch_size < cfg.data.image_size else None
-    roi = (patch,) * d if patch else None
-    augment = augment_transforms(cfg.data, with_mask=True)
-    if patch:
-        augment = mt.Compose([*augment.transforms, RandForegroundCropd((patch,) * d)])
-    info = current()
-    bs = min(fc.batch_size, len(train_items))
-    train_loader = make_loader(train_items, bs, shuffle=True, seed=seed, augment=augment,
-                               drop_last=len(train_items) > bs, rank=info.rank, world_size=info.world_size)
-    eval_loader = lambda items: make_loader(items, 8, shuffle=False, seed=seed, rank=info.rank,  # noqa: E731
-                                            world_size=info.world_size)
-    encoder = build_encoder_for(cfg)
-    report = None
-    if init is not None:
-        report = load_init_weights(encoder, init, verbose=True)
-        log(f"[segment] init from {Path(init).name}: {report.summary().splitlines()[0]}")
-        if not report.matched:
-            raise MedmimError(f"{init}: no weights matched the encoder ({cfg.encoder.name})")
-    model = Segmenter(encoder, fc.num_seg_classes, decoder=fc.seg_decoder, feature_size=fc.seg_feature_size)
-    groups_fn = (lambda m, wd: layer_decay_groups(m, wd, fc.layer_decay)) if fc.layer_decay < 1 else None  # noqa: E731
-    task = SegmentationTask(model, fc.num_seg_classes, roi=roi, overlap=fc.sw_overlap, param_groups_fn=groups_fn,
-                            freeze_epochs=fc.freeze_epochs, epochs=fc.epochs, hd95=False)
-    fit(task, train_loader, fc, run, runtime, val_loader=eval_loader(val_items), monitor="val_dice",
-        monitor_mode="max", resume=resume, stage="segment", log=log)
-    best = safe_torch_load(run.checkpoints / "best.pt")
-    model.load_state_dict(best["model"])
-    task.hd95 = True
-    test = task.evaluate(model, eval_loader(test_items), runtime, bootstrap=fc.bootstrap, seed=seed) \
-        if test_items else {}
-    result = {"head": "segment", "decoder": model.kind, "n_labelled": len(train_items),
-              "label_fraction": fc.label_fraction, "seed": seed, "num_seg_classes": fc.num_seg_classes,
-              "roi": list(roi) if roi else None, "best_epoch": int(best["epoch"]), "val_dice": best.get("best"),
-              **{f"test_{k}": v for k, v in test.items()},
-              "weights_report": None if report is None else
-              {"matched": len(report.matched), "missing": len(report.missing),
-               "unexpected": len(report.unexpected), "mismatched": len(report.mismatched)}}
-    run.write_json("result.json", result)
-    return result
+    """Fine-tune a segmenter (see :func:`medmim.train.stages.supervised_stage`); ``result.json`` holds
+    test Dice, HD95, per-class values and the Dice 95% CI."""
+    return supervised_stage(SegmentHead(), cfg, data, run, runtime, init=init, resume=resume, seed=seed, log=log)

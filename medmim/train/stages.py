@@ -7,7 +7,7 @@ through the one training loop, so a killed pipeline resumes stage by stage, epoc
 from __future__ import annotations
 
 import json
-
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -19,7 +19,8 @@ from medmim.data.splits import label_fraction
 from medmim.errors import MedmimError
 from medmim.models import build_pretext, encoder_from_config
 from medmim.models.export import export_encoder, load_encoder_weights, WEIGHTS_NAME
-from medmim.models.heads import Classifier
+from medmim.models.heads import Classifier, layer_decay_groups
+from medmim.models.monai_compat import load_init_weights
 from medmim.train.checkpoint import safe_torch_load
 from medmim.train.distributed import current
 from medmim.train.loop import Runtime, fit
@@ -114,58 +115,109 @@ def start_stage(cfg: Config, run: RunDir, seed: int | None, resume: bool) -> tup
     return seed, None
 
 
-def finetune_stage(cfg: Config, data: DataBundle, run: RunDir, runtime: Runtime, *,
-                   init: str | Path | None, resume: bool = True, seed: int | None = None,
-                   log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Fine-tune a classifier on a label fraction of the train split; evaluate the best-val model on test.
+class SupervisedHead:
+    """What one kind of supervised fine-tuning adds to :func:`supervised_stage`: its items, its
+    model and task, the validation metric it keeps the best checkpoint by, its test evaluation and
+    its result fields. The stage itself (label fraction, loaders, weights, layer decay, the loop,
+    best-checkpoint reload, result.json) is shared."""
 
-    ``init``: None = from scratch, or a weights file (medmim safetensors export, MONAI-format).
+    stage = "finetune"  # metrics/log name of the stage
+    monitor = "val_auroc"  # validation metric that picks best.pt (higher is better)
+    eval_batch = 256  # validation/test batch: the whole split is encoded in few no-grad passes
+    with_mask = False  # items carry a segmentation mask
+
+    def check(self, cfg: Config, train: list[dict], val: list[dict], test: list[dict]) -> None:
+        """Raise MedmimError when the items cannot train this head (may normalise them in place)."""
+        if not val:
+            raise MedmimError("fine-tuning needs a validation split (data.val_fraction > 0 or a 'val' split)")
+
+    def augment(self, cfg: Config):
+        return augment_transforms(cfg.data, False)
+
+    def trains_encoder(self, cfg: Config) -> bool:
+        """Whether the encoder's weights change (layer-wise lr decay and freeze-then-unfreeze apply)."""
+        return cfg.finetune.mode == "full"
+
+    def build(self, cfg: Config, encoder, train_items: list[dict], groups_fn, freeze_epochs: int):
+        """(model, task) for the loop."""
+        fc, k = cfg.finetune, cfg.data.num_classes
+        model = Classifier(encoder, k, mode=fc.mode)
+        task = ClassificationTask(model, k, loss=fc.loss, multilabel=fc.multilabel,
+                                  class_counts=class_counts(train_items, k), param_groups_fn=groups_fn,
+                                  freeze_epochs=freeze_epochs, epochs=fc.epochs)
+        return model, task
+
+    def test(self, cfg: Config, task, model, loader, runtime: Runtime, seed: int) -> dict[str, Any]:
+        return task.evaluate(model, loader, runtime, bootstrap=cfg.finetune.bootstrap, per_class=True, seed=seed)
+
+    def describe(self, cfg: Config, model) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Result fields (before ``n_labelled``, after ``seed``)."""
+        return {}, {"mode": cfg.finetune.mode}
+
+
+def supervised_stage(head: SupervisedHead, cfg: Config, data: DataBundle, run: RunDir, runtime: Runtime, *,
+                     init: str | Path | None, resume: bool = True, seed: int | None = None,
+                     log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Fine-tune ``head`` on a label fraction of the train split; evaluate the best-val model on test.
+
+    ``init``: None = from scratch, or a weights file (medmim safetensors export, MONAI-format ViT).
+    Layer-wise lr decay (``finetune.layer_decay``) and freeze-then-unfreeze (``finetune.freeze_epochs``)
+    apply only when the head trains the encoder. Validation runs at most ``finetune.max_evals`` times.
+    Writes ``result.json``; its ``time_s`` splits the stage's wall-clock time into data (reading and
+    preparing items, waiting for batches), train, val and test.
     """
     fc = cfg.finetune
     seed, finished = start_stage(cfg, run, seed, resume)
     if finished is not None:
         return finished
-    train_items, val_items, test_items = labelled_items(cfg, data, seed)
-    if not val_items:
-        raise MedmimError("fine-tuning needs a validation split (data.val_fraction > 0 or a 'val' split)")
+    t_data = time.perf_counter()
+    run.save_config(cfg)  # `medmim predict` rebuilds the model from it
+    train_items, val_items, test_items = labelled_items(cfg, data, seed, with_mask=head.with_mask)
+    head.check(cfg, train_items, val_items, test_items)
+    t_data = time.perf_counter() - t_data
     info = current()
     bs = min(fc.batch_size, len(train_items))
-    train_loader = make_loader(train_items, bs, shuffle=True, seed=seed, augment=augment_transforms(cfg.data, False),
+    train_loader = make_loader(train_items, bs, shuffle=True, seed=seed, augment=head.augment(cfg),
                                drop_last=len(train_items) > bs, rank=info.rank, world_size=info.world_size)
-    eval_loader = lambda items: make_loader(items, 256, shuffle=False, seed=seed, rank=info.rank,  # noqa: E731
-                                            world_size=info.world_size)
+
+    def eval_loader(items):
+        return make_loader(items, head.eval_batch, shuffle=False, seed=seed, rank=info.rank,
+                           world_size=info.world_size)
+
     encoder = build_encoder_for(cfg)
     report = None
     if init is not None:
-        from medmim.models.monai_compat import load_init_weights  # medmim export or MONAI-format ViT
         report = load_init_weights(encoder, init, verbose=True)  # the strict key report, printed
-        log(f"[finetune] init from {Path(init).name}: {report.summary().splitlines()[0]}")
+        log(f"[{head.stage}] init from {Path(init).name}: {report.summary().splitlines()[0]}")
         if not report.matched:
             raise MedmimError(f"{init}: no weights matched the encoder ({cfg.encoder.name})")
-    num_out = cfg.data.num_classes
-    model = Classifier(encoder, num_out, mode=fc.mode)
-    groups_fn = None
-    try:
-        from medmim.models.heads import layer_decay_groups  # full fine-tuning with layer-wise lr decay
-        if fc.mode == "full" and fc.layer_decay < 1:
-            groups_fn = lambda m, wd: layer_decay_groups(m, wd, fc.layer_decay)  # noqa: E731
-    except ImportError:
-        pass
-    task = ClassificationTask(model, num_out, loss=fc.loss, multilabel=fc.multilabel,
-                              class_counts=class_counts(train_items, num_out), param_groups_fn=groups_fn,
-                              freeze_epochs=fc.freeze_epochs if fc.mode == "full" else 0, epochs=fc.epochs)
-    fit(task, train_loader, fc, run, runtime, val_loader=eval_loader(val_items), monitor="val_auroc",
-        monitor_mode="max", resume=resume, stage="finetune", log=log)
+    trains = head.trains_encoder(cfg)
+    groups_fn = (lambda m, wd: layer_decay_groups(m, wd, fc.layer_decay)) if trains and fc.layer_decay < 1 \
+        else None
+    model, task = head.build(cfg, encoder, train_items, groups_fn, fc.freeze_epochs if trains else 0)
+    done = fit(task, train_loader, fc, run, runtime, val_loader=eval_loader(val_items), monitor=head.monitor,
+               monitor_mode="max", resume=resume, stage=head.stage, max_evals=fc.max_evals, log=log)
     best = safe_torch_load(run.checkpoints / "best.pt")
     model.load_state_dict(best["model"])
-    test = task.evaluate(model, eval_loader(test_items), runtime, bootstrap=fc.bootstrap, per_class=True,
-                         seed=seed) if test_items else {}
-    result = {"n_labelled": len(train_items), "label_fraction": fc.label_fraction, "seed": seed,
-              "mode": fc.mode, "best_epoch": int(best["epoch"]), "val_auroc": best.get("best"),
+    t_test = time.perf_counter()
+    test = head.test(cfg, task, model, eval_loader(test_items), runtime, seed) if test_items else {}
+    times = dict(done.get("time_s") or {})
+    times["data"] = round(times.get("data", 0.0) + t_data, 3)
+    times["test"] = round(time.perf_counter() - t_test, 3)
+    before, after = head.describe(cfg, model)
+    result = {**before, "n_labelled": len(train_items), "label_fraction": fc.label_fraction, "seed": seed,
+              **after, "best_epoch": int(best["epoch"]), head.monitor: best.get("best"),
               **{f"test_{k}": v for k, v in test.items()},
               "weights_report": None if report is None else
               {"matched": len(report.matched), "missing": len(report.missing),
-               "unexpected": len(report.unexpected), "mismatched": len(report.mismatched)}}
+               "unexpected": len(report.unexpected), "mismatched": len(report.mismatched)},
+              "time_s": times}
     run.write_json("result.json", result)
     return result
 
+
+def finetune_stage(cfg: Config, data: DataBundle, run: RunDir, runtime: Runtime, *,
+                   init: str | Path | None, resume: bool = True, seed: int | None = None,
+                   log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Fine-tune a classifier (``finetune.mode`` linear or full); see :func:`supervised_stage`."""
+    return supervised_stage(SupervisedHead(), cfg, data, run, runtime, init=init, resume=resume, seed=seed, log=log)

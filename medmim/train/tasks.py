@@ -9,10 +9,10 @@ from torch import nn
 
 from medmim.eval.metrics import CLASSIFICATION_METRICS, bootstrap_cis, classification_metrics
 from medmim.train.distributed import all_gather_cat, all_reduce_sum
-from medmim.train.loop import default_param_groups, to_device
+from medmim.train.loop import Task, to_device
 
 
-class PretrainTask:
+class PretrainTask(Task):
     """Self-supervised pretraining: the pretext returns its own loss (Pretext contract)."""
 
     def __init__(self, pretext: nn.Module):
@@ -24,9 +24,6 @@ class PretrainTask:
     def training_step(self, model, batch):
         out = model(batch["image"])
         return {"loss": out["loss"]}
-
-    def param_groups(self, weight_decay: float):
-        return default_param_groups(self.model, weight_decay)
 
     def after_step(self, step: int, total: int) -> None:
         if hasattr(self.model, "set_progress"):
@@ -69,7 +66,7 @@ def binary_focal_loss(logits, target, gamma: float = 2.0):
     return ((1 - pt) ** gamma * bce).mean()
 
 
-class SupervisedTask:
+class SupervisedTask(Task):
     """Shared by the supervised tasks: optimizer groups (e.g. layer-wise lr decay) and the
     freeze-then-unfreeze schedule. With ``freeze_epochs`` (and the total ``epochs``) the model's
     encoder is frozen (``FreezableEncoder.freeze_encoder``) for the first ``freeze_epochs`` epochs
@@ -96,7 +93,7 @@ class SupervisedTask:
     def param_groups(self, weight_decay: float):
         if self._groups_fn is not None:
             return self._groups_fn(self.model, weight_decay)
-        return default_param_groups(self.model, weight_decay)
+        return super().param_groups(weight_decay)
 
 
 class ClassificationTask(SupervisedTask):
