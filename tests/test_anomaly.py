@@ -98,6 +98,20 @@ def test_metrics_hand_made():
     assert op["specificity"] == 0.5 and op["sensitivity"] == 0.5
 
 
+def test_metrics_agree_with_sklearn_with_ties():
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    rng = np.random.default_rng(3)
+    y = rng.random(500) < 0.3
+    s = np.round(y * 0.5 + rng.random(500), 1)  # coarse scores: many ties
+    m = image_metrics(y, s)
+    assert m["auroc"] == pytest.approx(roc_auc_score(y, s)) and m["ap"] == pytest.approx(average_precision_score(y, s))
+    gt, maps = y.reshape(20, 25), s.reshape(20, 25)
+    px = pixel_metrics(gt, maps)
+    assert px["pixel_auroc"] == pytest.approx(roc_auc_score(y, s))
+    assert px["pixel_ap"] == pytest.approx(average_precision_score(y, s))
+
+
 # ---- models used by the tests ---------------------------------------------------------------------
 class VisibleMeanInpainter(nn.Module):
     """A fixed reconstruction model with no access to hidden pixels: every hidden patch becomes the
@@ -308,6 +322,15 @@ def test_cli_train_and_score_2d_phantoms_with_memory(tmp_path):
     assert rows[0].startswith("index,source,label,anomalous,score_l2,score_l1,score_ssim,score")
     assert len(rows) - 1 == metrics["n_images"]
     assert len(list((out / "heatmaps").glob("*.png"))) == 4
+    # every evaluation reports the sanity baselines, chosen on val, beside the detector
+    cmp = metrics["baselines"]
+    assert cmp["detector_score"] == "detector_ssim"
+    assert {"untrained_l2", "untrained_l1", "untrained_ssim", "+mean", "-mean", "+variance", "-variance",
+            "+laplacian", "-laplacian", "+highfreq_s1", "-highfreq_s1"} <= set(cmp["candidates"])
+    assert cmp["best_baseline"] != "detector_ssim" and ("BEATS" in cmp["verdict"]) == cmp["beats_best_baseline"]
+    assert cmp["detector"]["value"] == pytest.approx(metrics["ssim"]["image_auroc"])
+    assert cmp["verdict"] in (out / "baselines.md").read_text()
+    assert (out / "baselines.csv").read_text().startswith("score,role,val_auroc,auroc")
 
 
 def test_cli_train_and_score_3d_phantoms_writes_nifti_in_source_geometry(tmp_path):

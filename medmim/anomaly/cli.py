@@ -15,7 +15,8 @@ DESCRIPTION = """Reconstruction-based anomaly detection with a masked autoencode
           runs/<name>/anomaly_model.safetensors + anomaly_model.json
   score   score a split with a trained model: scores.csv, metrics.json (image AUROC/AP for L2, L1,
           1-SSIM; pixel AUROC/AP/best Dice where lesion masks exist), heatmaps (PNG in 2D, NIfTI in
-          the source geometry in 3D)
+          the source geometry in 3D), and the sanity baselines (image statistics, the untrained model)
+          chosen on val beside the detector with bootstrap CIs: baselines.md / baselines.csv
 
 examples:
   medmim anomaly train -c anomaly_phantoms
@@ -54,14 +55,22 @@ def handle(args) -> int:
         cfg = load_config(args.config, args.overrides)
         sidecar = train_anomaly(cfg, resume=args.resume)
         print(json.dumps({"run_dir": str(Path(cfg.run.out_dir) / cfg.run.name),
-                          "threshold": sidecar.get("threshold"), "thresholds": sidecar.get("thresholds")},
+                          "threshold": sidecar.get("threshold"), "thresholds": sidecar.get("thresholds"),
+                          "val_verdict": (sidecar.get("val_baselines") or {}).get("verdict")},
                          indent=2))
         return 0
     if args.anomaly_verb == "score":
         metrics = score_anomaly(args.run_dir, args.overrides, split=args.split, out_dir=args.out)
         summary = {k: {m: v for m, v in metrics[k].items() if not isinstance(v, dict)}
                    for k in ("l2", "l1", "ssim")}
+        cmp = metrics.get("baselines")
+        if cmp:
+            summary["baselines"] = {"best_baseline": cmp["best_baseline"], "baseline_auroc": cmp["baseline"],
+                                    "detector": cmp["detector_score"], "detector_auroc": cmp["detector"],
+                                    "difference": cmp["difference"], "verdict": cmp["verdict"]}
         print(json.dumps(summary, indent=2))
+        if cmp:
+            print(cmp["verdict"])
         return 0
     args._anomaly_parser.print_help()
     raise MedmimError("medmim anomaly: choose a step: train or score")

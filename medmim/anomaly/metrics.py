@@ -1,12 +1,15 @@
 """Anomaly-detection metrics: image-level AUROC / AP, pixel-level AUROC / AP / best Dice, thresholds.
 
-Undefined values (one class only) are NaN, never an exception.
+AUROC and AP come from the project's one metrics module (``medmim.eval.metrics``); only what is
+specific to anomaly detection (best Dice over thresholds, thresholds at a specificity, operating
+points) lives here. Undefined values (one class only) are NaN, never an exception.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from sklearn import metrics as skm
+
+from medmim.eval.metrics import binary_ap, binary_auroc
 
 
 def _two_classes(y: np.ndarray) -> bool:
@@ -19,7 +22,7 @@ def image_metrics(is_anomalous, scores) -> dict[str, float]:
     s = np.asarray(scores, dtype=np.float64).ravel()
     if not _two_classes(y):
         return {"auroc": float("nan"), "ap": float("nan")}
-    return {"auroc": float(skm.roc_auc_score(y, s)), "ap": float(skm.average_precision_score(y, s))}
+    return {"auroc": binary_auroc(y, s), "ap": binary_ap(y, s)}
 
 
 def best_dice(gt, scores) -> tuple[float, float]:
@@ -52,8 +55,8 @@ def pixel_metrics(gt, maps) -> dict[str, float]:
     out = {"pixel_auroc": float("nan"), "pixel_ap": float("nan"), "pixel_best_dice": float("nan"),
            "pixel_best_dice_threshold": float("nan")}
     if _two_classes(y):
-        out["pixel_auroc"] = float(skm.roc_auc_score(y, s))
-        out["pixel_ap"] = float(skm.average_precision_score(y, s))
+        out["pixel_auroc"] = binary_auroc(y, s)
+        out["pixel_ap"] = binary_ap(y, s)
         out["pixel_best_dice"], out["pixel_best_dice_threshold"] = best_dice(y, s)
     return out
 

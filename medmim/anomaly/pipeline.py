@@ -25,6 +25,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from medmim.anomaly.baselines import comparison_markdown, comparison_rows, compare_with_baselines, statistic_scores
 from medmim.anomaly.metrics import image_metrics, operating_point, pixel_metrics, threshold_at_specificity
 from medmim.anomaly.model import build_anomaly_model
 from medmim.anomaly.outputs import save_nifti_map, save_overlay_png, write_scores_csv
@@ -32,7 +33,8 @@ from medmim.anomaly.scoring import ERRORS, ScoreSettings, score_items
 from medmim.config import Config, load_config
 from medmim.data.dataset import DataBundle, deterministic_transforms, describe_failure, make_loader, prepare_data, summarize
 from medmim.errors import DataError, MedmimError
-from medmim.io import write_json
+from medmim.io import write_json, write_text
+from medmim.train.distributed import current as current_dist
 from medmim.train.loop import Runtime, fit
 from medmim.train.rundir import RunDir, seed_everything
 from medmim.train.tasks import PretrainTask
@@ -153,6 +155,49 @@ def evaluate_split(model, cfg: Config, items: list[dict], meta: list[dict], runt
     return out, metrics
 
 
+def _labels(meta: list[dict]) -> tuple[list[int], np.ndarray]:
+    labelled = [i for i, m in enumerate(meta) if m["anomalous"] is not None]
+    return labelled, np.array([meta[i]["anomalous"] for i in labelled], dtype=bool)
+
+
+# ---- sanity baselines ---------------------------------------------------------------------------
+def untrained_model(cfg: Config) -> torch.nn.Module:
+    """The configured anomaly model at its random initialisation (the same seed as training uses)."""
+    from medmim.train.stages import build_encoder_for
+
+    seed_everything(cfg.run.seed, cfg.run.num_threads)
+    return build_anomaly_model(cfg, build_encoder_for(cfg)).eval()
+
+
+def baseline_scores(cfg: Config, items: list[dict], runtime: Runtime, untrained: torch.nn.Module) -> dict[str, np.ndarray]:
+    """Every sanity baseline's image scores for ``items``: the image statistics (both signs) and the
+    untrained model scored like the trained one (``untrained_<error>``)."""
+    out = statistic_scores(items)
+    raw = score_items(untrained.to(runtime.device), items, ScoreSettings.from_config(cfg),
+                      batch_size=cfg.anomaly.batch_size, device=runtime.device, errors=ERRORS, keep_maps=False)
+    out.update({f"untrained_{k}": raw[f"{k}_score"].numpy() for k in ERRORS})
+    return out
+
+
+def detector_name(cfg: Config) -> str:
+    return f"detector_{cfg.anomaly.error}"
+
+
+def baseline_comparison(cfg: Config, val: tuple[dict, list[dict], dict], scored: tuple[dict, list[dict], dict]) -> dict | None:
+    """Compare the detector (the primary error's score) with the baselines: chosen on val, reported
+    on the scored split. ``val`` / ``scored``: (detector outputs, metadata, baseline scores)."""
+    (vout, vmeta, vbase), (out, meta, base) = val, scored
+    vl, vy = _labels(vmeta)
+    el, ey = _labels(meta)
+    if vy.size == 0 or vy.min() == vy.max() or ey.size == 0 or ey.min() == ey.max():
+        return None  # no two-class labels: nothing to compare
+    det = detector_name(cfg)
+    kind = cfg.anomaly.error
+    vs = {det: vout[f"{kind}_score"].numpy()[vl], **{k: v[vl] for k, v in vbase.items()}}
+    es = {det: out[f"{kind}_score"].numpy()[el], **{k: v[el] for k, v in base.items()}}
+    return compare_with_baselines(det, vy, vs, ey, es, seed=cfg.run.seed)
+
+
 def _normal_scores(out: dict, meta: list[dict], kind: str) -> np.ndarray:
     s = out[f"{kind}_score"].numpy()
     return np.array([s[i] for i, m in enumerate(meta) if m["anomalous"] is False])
@@ -180,8 +225,11 @@ def train_anomaly(cfg: Config, *, resume: bool = False, log: Callable[[str], Non
     log(f"[anomaly] training {pc.method}{' + memory' if ac.memory else ''} on {len(train_items)} normal "
         f"images (label {ac.normal_label}); {len(val_normal)} normal validation images")
     bs = min(pc.batch_size, len(train_items))
-    loader = make_loader(train_items, bs, shuffle=True, seed=cfg.run.seed, drop_last=len(train_items) > bs)
-    val_loader = make_loader(val_normal, 256, shuffle=False, seed=cfg.run.seed) if val_normal else None
+    info = current_dist()
+    loader = make_loader(train_items, bs, shuffle=True, seed=cfg.run.seed, drop_last=len(train_items) > bs,
+                         rank=info.rank, world_size=info.world_size)
+    val_loader = make_loader(val_normal, 256, shuffle=False, seed=cfg.run.seed, rank=info.rank,
+                             world_size=info.world_size) if val_normal else None
     seed_everything(cfg.run.seed, cfg.run.num_threads)
     model = build_anomaly_model(cfg, build_encoder_for(cfg))
     if getattr(model, "norm_pix_loss", False):
@@ -217,6 +265,12 @@ def train_anomaly(cfg: Config, *, resume: bool = False, log: Callable[[str], Non
                         "val_metrics": metrics})
         log(f"[anomaly] validation: " + ", ".join(
             f"{k} image AUROC {metrics[k]['image_auroc']:.3f}" for k in ERRORS))
+        vbase = baseline_scores(cfg, val_items, runtime, untrained_model(cfg))
+        cmp = baseline_comparison(cfg, (out, val_meta, vbase), (out, val_meta, vbase))
+        if cmp is not None:
+            sidecar["val_baselines"] = cmp
+            log("[anomaly] sanity baselines on the validation split (chosen and reported on val):\n"
+                + comparison_markdown(cmp, "val"))
     else:
         sidecar.update({"thresholds": {}, "threshold": None, "threshold_source": "no validation split"})
         log("[anomaly] no validation split: no threshold chosen")
@@ -244,18 +298,31 @@ def score_anomaly(run_dir: str | Path, overrides: list[str] | None = None, *, sp
     settings = ScoreSettings.from_config(cfg)
     thresholds = dict(sidecar.get("thresholds") or {})
     threshold_note = sidecar.get("threshold_source", "")
-    if thresholds and sidecar.get("settings") != settings_key(settings):
-        # the saved thresholds belong to other scoring settings: choose them again on validation
-        val_items, val_meta = load_split(cfg, data, "val")
-        vout, _ = evaluate_split(model, cfg, val_items, val_meta, runtime, keep_maps=False)
-        thresholds = {k: threshold_at_specificity(_normal_scores(vout, val_meta, k), cfg.anomaly.target_specificity)
-                      for k in ERRORS if _normal_scores(vout, val_meta, k).size}
-        threshold_note = "re-chosen on the val split: scoring settings differ from the saved ones"
-        log(f"[anomaly] {threshold_note}")
     items, meta = load_split(cfg, data, split, with_masks=True)
     if not items:
         raise DataError(f"split '{split}' holds no images")
     out, metrics = evaluate_split(model, cfg, items, meta, runtime)
+    # the validation split: the baselines are chosen there (and thresholds re-chosen if needed)
+    if split == "val":
+        val_items, val_meta, vout = items, meta, out
+    else:
+        val_items, val_meta = load_split(cfg, data, "val")
+        vout = evaluate_split(model, cfg, val_items, val_meta, runtime, keep_maps=False)[0] if val_items else None
+    if thresholds and vout is not None and sidecar.get("settings") != settings_key(settings):
+        # the saved thresholds belong to other scoring settings: choose them again on validation
+        thresholds = {k: threshold_at_specificity(_normal_scores(vout, val_meta, k), cfg.anomaly.target_specificity)
+                      for k in ERRORS if _normal_scores(vout, val_meta, k).size}
+        threshold_note = "re-chosen on the val split: scoring settings differ from the saved ones"
+        log(f"[anomaly] {threshold_note}")
+    cmp = None
+    if vout is not None:
+        untrained = untrained_model(cfg)
+        base = baseline_scores(cfg, items, runtime, untrained)
+        vbase = base if split == "val" else baseline_scores(cfg, val_items, runtime, untrained)
+        cmp = baseline_comparison(cfg, (vout, val_meta, vbase), (out, meta, base))
+    if cmp is None:
+        log("[anomaly] note: no sanity-baseline comparison (the val and scored splits need both normal and "
+            "anomalous labels)")
     primary = cfg.anomaly.error
     thr = thresholds.get(primary)
     labelled = [i for i, m in enumerate(meta) if m["anomalous"] is not None]
@@ -279,6 +346,11 @@ def score_anomaly(run_dir: str | Path, overrides: list[str] | None = None, *, sp
         row["predicted_anomalous"] = "" if thr is None else int(float(out[f"{primary}_score"][i]) > thr)
         rows.append(row)
     write_scores_csv(dest / "scores.csv", rows)
+    if cmp is not None:
+        metrics["baselines"] = cmp
+        write_scores_csv(dest / "baselines.csv", comparison_rows(cmp))
+        write_text(dest / "baselines.md", f"# Detector vs sanity baselines ({split} split)\n\n"
+                   + comparison_markdown(cmp, split))
     _write_heatmaps(cfg, dest, items, meta, out[primary], primary, data.preset)
     write_json(dest / "metrics.json", metrics)
     log(f"[anomaly] {split}: {len(items)} images -> {dest}")
@@ -287,6 +359,8 @@ def score_anomaly(run_dir: str | Path, overrides: list[str] | None = None, *, sp
         extra = f", pixel AUROC {mk['pixel_auroc']:.3f}, best Dice {mk['pixel_best_dice']:.3f}" \
             if "pixel_auroc" in mk else ""
         log(f"  {kind:>4}: image AUROC {mk['image_auroc']:.3f}, AP {mk['image_ap']:.3f}{extra}")
+    if cmp is not None:
+        log(f"[anomaly] sanity baselines (chosen on val, reported on {split}):\n" + comparison_markdown(cmp, split))
     return metrics
 
 
