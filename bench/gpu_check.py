@@ -182,11 +182,14 @@ def _alarm(seconds: float):
         signal.signal(signal.SIGALRM, old)
 
 
-def run_sections(sections: list[tuple[str, typing.Callable[[], dict], float]], report: Report,
-                 deadline: float, device=None) -> None:
-    """Run ``(name, fn, estimate_s)`` in order. ``fn`` returns ``{"rows", "notes"}``; an exception is
-    recorded as the section's error line; a section that no longer fits before ``deadline`` is skipped
-    with a note, and so is everything after a failure that left the CUDA context unusable."""
+def run_sections(sections: list[tuple[str, typing.Callable[[dict], dict | None], float]], report: Report,
+                 deadline: float, device=None, limit_factor: float | None = None) -> None:
+    """Run ``(name, fn, estimate_s)`` in order. ``fn(out)`` appends to ``out["rows"]`` /
+    ``out["notes"]`` as it measures (or returns such a dict), so an exception or a timeout keeps the
+    rows measured before it; the exception is the section's one error line. A section that no longer
+    fits before ``deadline`` is skipped with a note, and so is everything after a failure that left
+    the CUDA context unusable. ``limit_factor``: a section is stopped after that many times its
+    estimate (+30 s), so that one hung kernel cannot eat the whole slot."""
     broken = None
     for name, fn, estimate in sections:
         left = deadline - time.monotonic()
@@ -200,13 +203,14 @@ def run_sections(sections: list[tuple[str, typing.Callable[[], dict], float]], r
             continue
         t0, c0 = time.monotonic(), time.process_time()
         print(f"[gpu_check] {name} ...", flush=True)
-        sec = {"name": name}
+        sec, out = {"name": name}, {"rows": [], "notes": []}
+        limit = left if limit_factor is None else min(left, limit_factor * estimate + 30)
         try:
-            with _alarm(max(left, 1.0)):
-                out = fn() or {}
-            sec.update(status="ok", **out)
+            with _alarm(max(limit, 1.0)):
+                got = fn(out)
+            sec.update(status="ok", **{**out, **(got or {})})
         except Exception as exc:  # noqa: BLE001 - every failure is one line of the report
-            sec.update(status="error", error=_one_line(exc))
+            sec.update(status="error", error=_one_line(exc), **out)
             traceback.print_exc()
             if device is not None and device.type == "cuda" and not _cuda_usable():
                 broken = name
@@ -432,7 +436,7 @@ def _missing_spconv(exc: BaseException) -> bool:
 # sections
 # --------------------------------------------------------------------------------------------
 
-def section_env(device) -> dict:
+def section_env(out: dict, device) -> dict:
     import torch
 
     rows = [{"what": "python", "value": platform.python_version()},
@@ -457,7 +461,7 @@ def section_env(device) -> dict:
     return {"rows": rows}
 
 
-def section_sparse(device, sizes) -> dict:
+def section_sparse(out: dict, device, sizes) -> dict:
     """Sparse vs masked-dense: encoder maps, loss and encoder gradients, same weights and mask.
 
     The exact check is float64: every variant that runs in float64 must equal masked-dense float64
@@ -468,7 +472,7 @@ def section_sparse(device, sizes) -> dict:
     gradients upstream of it move by ~1e-2 in float32 for either backend (measured on CPU)."""
     import torch
 
-    rows, notes = [], []
+    rows, notes = out["rows"], out["notes"]
     variants = sparse_variants()
     with strict_fp32():
         for s in sizes["sparse"]:
@@ -492,11 +496,12 @@ def section_sparse(device, sizes) -> dict:
                     model = build_spark(s, backend, kw, device)
                     model.load_state_dict(state)
                     err = _errors(_spark_pass(model, x, mask), ref64)
-                except Exception as exc:  # noqa: BLE001
+                except Exception as exc:  # noqa: BLE001 - one variant failing is one row, the others still run
                     if _missing_spconv(exc):
                         notes.append(f"{tag} {label}: not run, spconv is not importable ({_one_line(exc)})")
-                        continue
-                    raise
+                    else:
+                        rows.append({"setting": tag, "variant": label, "error": _one_line(exc), "pass": False})
+                    continue
                 try:
                     e64 = _errors(_spark_pass(model.double(), x.double(), mask), ref64)
                     e64 = max(e64[k] for k in JUDGED)
@@ -545,13 +550,13 @@ def _spark_pass(model, x, mask) -> dict:
     return {"feats": feats, "grads": grads, "loss": float(out["loss"].detach())}
 
 
-def section_bf16(device, sizes) -> dict:
+def section_bf16(out: dict, device, sizes) -> dict:
     """The same batch, mask and weights: the loss (and gradient norm) in fp32 and under bf16 autocast."""
     import torch
 
     from bench_mae import medmim_mae
 
-    rows = []
+    rows = out["rows"]
     s = sizes["bf16"]["mae"]
     torch.manual_seed(0)
     model, _ = medmim_mae(s)
@@ -602,10 +607,10 @@ def _loss_pair(name, loss_fn, model, device) -> dict:
             "grad norm fp32": g32, "grad norm bf16": g16, "pass": finite and rel <= TOL_BF16}
 
 
-def section_resume(device, quick: bool, timeout_s: float) -> dict:
+def section_resume(out: dict, device, quick: bool, timeout_s: float) -> dict:
     """Run the resume check in a child process: it needs CUBLAS_WORKSPACE_CONFIG set before CUDA
     starts and deterministic algorithms switched on, which must not leak into the timed sections."""
-    rows, notes = [], []
+    rows, notes = out["rows"], out["notes"]
     # CPU kernels are deterministic already: one child there; on CUDA, default kernels and then
     # torch.use_deterministic_algorithms (with the cuBLAS workspace setting it requires)
     for deterministic in ((False, True) if device.type == "cuda" else (False,)):
@@ -714,13 +719,13 @@ def child_resume(device_name: str, quick: bool, deterministic: bool) -> None:
     print(json.dumps({"rows": rows}))
 
 
-def section_mae(device, sizes, deadline) -> dict:
+def section_mae(out: dict, device, sizes, deadline) -> dict:
     """Images/s and peak memory: medmim MAE vs MONAI MaskedAutoEncoderViT (same loss), fp32 and bf16."""
     import torch
 
     from bench_mae import medmim_mae, monai_mae
 
-    timer, rows, notes = Timer(device), [], []
+    timer, rows, notes = Timer(device), out["rows"], out["notes"]
     for setting, s in sizes["mae"].items():
         per = {}
         for label, build in (("medmim MAE", medmim_mae), ("MONAI MaskedAutoEncoderViT", monai_mae)):
@@ -774,13 +779,13 @@ def _train_step(model, loss_fn, s, device, bf16: bool):
     return step
 
 
-def section_spark(device, sizes, deadline) -> dict:
+def section_spark(out: dict, device, sizes, deadline) -> dict:
     """Images/s and peak memory: SparK encoder step and full pretext step, sparse vs masked-dense."""
     import torch
 
     from bench_spark import encoder_step
 
-    timer, rows, notes = Timer(device), [], []
+    timer, rows, notes = Timer(device), out["rows"], out["notes"]
     variants = {"masked-dense": ("dense", {}), **sparse_variants()}
     for setting, s in sizes["spark"].items():
         x = torch.randn(s["batch"], 1, *[s["img"]] * s["sd"], device=device)
@@ -825,7 +830,7 @@ def section_spark(device, sizes, deadline) -> dict:
     return {"rows": rows, "notes": notes}
 
 
-def section_data(device, sizes, config: str | None, overrides: list[str]) -> dict:
+def section_data(out: dict, device, sizes, config: str | None, overrides: list[str]) -> dict:
     """Share of a pretraining step spent waiting for the next batch, with the config's workers."""
     import numpy as np
     import torch
@@ -855,7 +860,7 @@ def section_data(device, sizes, config: str | None, overrides: list[str]) -> dic
         base += [f"pretrain.batch_size={s['batch']}", f"encoder.name={s['encoder']}", f"encoder.patch_size={s['patch']}", "pretrain.method=mae"]
         if s["encoder"] == "vit_tiny":
             base += ["encoder.embed_dim=64", "encoder.depth=2", "encoder.num_heads=2", "pretrain.decoder_dim=32"]
-    rows, notes = [], []
+    rows, notes = out["rows"], out["notes"]
     cfg0 = load_config(config, base)
     for cache in dict.fromkeys([cfg0.data.cache, "none"]):
         cfg = load_config(config, base + [f"data.cache={cache}"])
@@ -992,18 +997,19 @@ def main(argv=None) -> int:
 
     est = ESTIMATE_S[mode]
     table = {
-        "env": lambda: section_env(device),
-        "sparse": lambda: section_sparse(device, sizes),
-        "bf16": lambda: section_bf16(device, sizes),
-        "resume": lambda: section_resume(device, args.quick, max(deadline - time.monotonic(), 10)),
-        "mae": lambda: section_mae(device, sizes, deadline),
-        "spark": lambda: section_spark(device, sizes, deadline),
-        "data": lambda: section_data(device, sizes, args.config, args.overrides),
+        "env": lambda out: section_env(out, device),
+        "sparse": lambda out: section_sparse(out, device, sizes),
+        "bf16": lambda out: section_bf16(out, device, sizes),
+        "resume": lambda out: section_resume(out, device, args.quick, max(deadline - time.monotonic(), 10)),
+        "mae": lambda out: section_mae(out, device, sizes, deadline),
+        "spark": lambda out: section_spark(out, device, sizes, deadline),
+        "data": lambda out: section_data(out, device, sizes, args.config, args.overrides),
     }
     # a hard stop shortly after the budget even if a C call hangs (what was measured is on disk)
     faulthandler.dump_traceback_later(max(deadline - time.monotonic(), 0) + 60, exit=True)
     try:
-        run_sections([(n, table[n], est[n]) for n in SECTIONS if n in wanted], report, deadline, device)
+        run_sections([(n, table[n], est[n]) for n in SECTIONS if n in wanted], report, deadline, device,
+                     limit_factor=None if args.quick else 3.0)
     finally:
         faulthandler.cancel_dump_traceback_later()
     report.meta["elapsed_s"] = round(time.monotonic() - t_start, 1)

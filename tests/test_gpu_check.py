@@ -68,15 +68,17 @@ def test_quick_cpu_run_measures_every_section(tmp_path, monkeypatch):
 
 
 def test_a_failing_section_is_one_line_and_the_budget_skips_with_a_note(tmp_path):
-    def boom():
+    def boom(out):
+        out["rows"].append({"measured": "before the failure"})
         raise ValueError("the kernel broke\nsecond line")
 
     report = gpu_check.Report(tmp_path, "t", {"started": "now", "device": "cpu", "command": "x", "quick": True,
                                               "budget_s": 1})
-    gpu_check.run_sections([("a", boom, 0), ("b", lambda: {"rows": [{"k": 1.5}], "notes": ["fine"]}, 0),
-                            ("c", lambda: {}, 1e9)], report, time.monotonic() + 100)
+    gpu_check.run_sections([("a", boom, 0), ("b", lambda out: {"rows": [{"k": 1.5}], "notes": ["fine"]}, 0),
+                            ("c", lambda out: {}, 1e9)], report, time.monotonic() + 100)
     got = {s["name"]: s for s in json.loads((tmp_path / "t.json").read_text())["sections"]}
     assert got["a"]["status"] == "error" and got["a"]["error"] == "ValueError: the kernel broke"
+    assert got["a"]["rows"] == [{"measured": "before the failure"}]  # kept
     assert got["b"]["status"] == "ok" and got["b"]["rows"] == [{"k": 1.5}]
     assert got["c"]["status"] == "skipped" and "time budget" in got["c"]["notes"][0]
     text = (tmp_path / "t.md").read_text()
@@ -87,3 +89,9 @@ def test_a_package_that_cannot_be_installed_is_one_line():
     ok, line = gpu_check.pip_install("spconv-cu126", timeout_s=0.01, wheelhouse=None)
     assert not ok and "no result within" in line
     assert gpu_check.spconv_wheel() == ("spconv-cu126" if sys.version_info >= (3, 12) else "spconv-cu120")
+
+
+def test_a_hung_section_is_stopped_by_its_alarm():
+    with pytest.raises(gpu_check.SectionTimeout):
+        with gpu_check._alarm(0.2):
+            time.sleep(5)
