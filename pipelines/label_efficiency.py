@@ -372,9 +372,9 @@ def _finite(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def summarize_rows(rows: list[dict], metric: str) -> list[dict]:
-    """Mean ± std (and a t-based 95% CI over seeds, clipped to [0, 1] for metrics bounded there)
-    of the test metric per init × mode × fraction."""
+def summarize_rows(rows: list[dict], metric: str, bounded: bool | None = None) -> list[dict]:
+    """Mean ± std (and a t-based 95% CI over seeds, clipped to [0, 1] for metrics bounded there:
+    ``bounded``, by default those in UNIT_INTERVAL_METRICS) of the test metric per init × mode × fraction."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["init"], r["mode"], r["fraction"]), []).append(r)
@@ -387,7 +387,8 @@ def summarize_rows(rows: list[dict], metric: str) -> list[dict]:
         std = float(vals.std(ddof=1)) if n > 1 else 0.0 if n else float("nan")
         half = _t95(n) * std / math.sqrt(n) if n > 1 else float("nan")
         lo, hi = (mean - half, mean + half) if n > 1 else (float("nan"), float("nan"))
-        if metric in UNIT_INTERVAL_METRICS:  # a t-interval on 3 seeds can pass 1.0; AUROC cannot
+        # a t-interval on 3 seeds can pass 1.0; AUROC cannot
+        if (metric in UNIT_INTERVAL_METRICS) if bounded is None else bounded:
             lo, hi = max(lo, 0.0), min(hi, 1.0)
         labelled = [r.get("n_labelled") for r in rs if r.get("n_labelled")]
         out.append({"init": init, "mode": mode, "fraction": frac,
@@ -409,7 +410,8 @@ def format_table(summary: list[dict], metric: str) -> str:
              "|---|---|---|---|---|---|---|"]
     for s in summary:
         m, sd = s[f"{metric}_mean"], s[f"{metric}_std"]
-        val = "failed" if not math.isfinite(m) else f"{m:.3f} ± {sd:.3f}"
+        # one seed has no spread: its value alone, never "± 0.000"
+        val = "failed" if not math.isfinite(m) else f"{m:.3f} ± {sd:.3f}" if s["n_seeds"] > 1 else f"{m:.3f} (n=1)"
         ci = f"{s['ci95_low']:.3f}–{s['ci95_high']:.3f}" if _finite(s["ci95_low"]) else "–"
         seeds = f"{s['n_seeds']}" + (f" ({s['failed']} failed)" if s.get("failed") else "")
         lines.append(f"| {s['init']} | {s['mode']} | {s['fraction']:g} | {s['n_labelled']} | {val} | {ci} | {seeds} |")

@@ -3,8 +3,12 @@
     write_report("runs/demo")  ->  runs/demo/report/index.html  (+ report/img/*.png)
 
 It reads only what the study wrote (summary.json, results.json, label_efficiency.png,
-pretrain-*/recon/*.png, pretrain-*/metrics.jsonl, data_card.json, config.yaml, environment.json),
-so it can be re-rendered at any time. Images are copied next to the page. Patient identifiers
+pretrain-*/recon/*.png, pretrain-*/metrics.jsonl, cells/*/metrics.jsonl, cells/*/predictions_test.csv,
+data_card.json, config.yaml, environment.json, and an anomaly run's scores_*/metrics.json), so it can
+be re-rendered at any time. From those it adds: paired tests of each init against scratch (Wilcoxon
+signed-rank over matched seeds), per-class metrics with 95% CIs, ROC / precision-recall curves and
+confusion matrices per init at each fraction, train/val learning curves per cell, and flags for
+degenerate classifiers (one class predicted for every image; best checkpoint at epoch 0). Images are copied next to the page. Patient identifiers
 never appear: the data card holds counts only, and keys that name identifying fields are dropped
 from everything shown.
 
@@ -91,6 +95,343 @@ def comparison(summary: list[dict], metric: str) -> list[dict]:
     return out
 
 
+# ---- paired tests ---------------------------------------------------------------------------------
+# Below this many matched pairs the exact two-sided Wilcoxon signed-rank test cannot reach p < 0.05
+# (its smallest p-value is 2 / 2**n: 0.0625 at n = 5), so no p-value is shown.
+MIN_PAIRS = 6
+
+
+def wilcoxon_p(diffs) -> float:
+    """Two-sided Wilcoxon signed-rank p-value (scipy; exact for small samples without ties);
+    1.0 when every difference is zero."""
+    from scipy.stats import wilcoxon
+
+    d = [float(v) for v in diffs]
+    if all(v == 0 for v in d):
+        return 1.0
+    return float(wilcoxon(d, alternative="two-sided").pvalue)
+
+
+def _by_seed(rows: list[dict], init: str, mode: str, frac: float, metric: str) -> dict:
+    return {r["seed"]: float(r[f"test_{metric}"]) for r in rows
+            if r.get("init") == init and r.get("mode") == mode and r.get("fraction") == frac
+            and r.get("status") == "ok" and _finite(r.get(f"test_{metric}"))}
+
+
+def paired_test(rows: list[dict], init: str, scratch: str, mode: str, frac: float, metric: str) -> dict:
+    """``init`` against ``scratch`` on the cells with the same seed (matched pairs): the mean
+    difference and, with at least :data:`MIN_PAIRS` pairs, the Wilcoxon signed-rank p-value."""
+    a = _by_seed(rows, init, mode, frac, metric)
+    b = _by_seed(rows, scratch, mode, frac, metric)
+    seeds = sorted(set(a) & set(b))
+    diffs = [a[s] - b[s] for s in seeds]
+    out = {"init": init, "scratch": scratch, "mode": mode, "fraction": frac, "n_pairs": len(seeds),
+           "mean_diff": sum(diffs) / len(diffs) if diffs else float("nan"),
+           "wins": sum(d > 0 for d in diffs), "losses": sum(d < 0 for d in diffs), "p": None}
+    if len(seeds) >= MIN_PAIRS:
+        out["p"] = wilcoxon_p(diffs)
+    return out
+
+
+def paired_tests(rows: list[dict], metric: str) -> list[dict]:
+    """Every pretrained init against every scratch init, per mode × fraction (see :func:`paired_test`)."""
+    inits = sorted({r["init"] for r in rows if "init" in r})
+    scratch = [i for i in inits if _is_scratch(i)]
+    out = []
+    for mode in sorted({r["mode"] for r in rows if "mode" in r}):
+        for frac in sorted({r["fraction"] for r in rows if r.get("mode") == mode}):
+            for init in inits:
+                if _is_scratch(init):
+                    continue
+                for sc in scratch:
+                    t = paired_test(rows, init, sc, mode, frac, metric)
+                    if t["n_pairs"]:
+                        out.append(t)
+    return out
+
+
+def _p_text(t: dict) -> str:
+    if t["p"] is None:
+        return f"n too small (n={t['n_pairs']}; needs ≥{MIN_PAIRS})"
+    p = t["p"]
+    return f"p = {p:.3f}" if p >= 0.001 else "p < 0.001"
+
+
+def _delta_html(delta: float, t: dict | None) -> str:
+    """The difference, coloured only when a paired test backs it (p < 0.05); else grey."""
+    if not _finite(delta):
+        return "–"
+    significant = t is not None and t["p"] is not None and t["p"] < 0.05
+    cls = ("pos" if delta >= 0 else "neg") if significant else "muted"
+    test = f" <span class='muted'>({_e(_p_text(t))})</span>" if t is not None else ""
+    return f"<span class='{cls}'>{delta:+.3f}</span>{test}"
+
+
+# ---- cells: predictions, learning curves, flags --------------------------------------------------
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    out = []
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return out
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict):
+            out.append(rec)
+    return out
+
+
+def _cell_predictions(study: Path, row: dict):
+    from medmim.eval.predictions import PREDICTIONS_NAME, read_predictions
+
+    f = study / "cells" / str(row.get("cell", "")) / PREDICTIONS_NAME
+    if row.get("status") != "ok" or not f.is_file():
+        return None
+    try:
+        return read_predictions(f)
+    except Exception:  # noqa: BLE001 - a damaged file costs its figures, not the report
+        return None
+
+
+def degenerate_flags(row: dict, preds=None, n_epochs: int | None = None) -> list[str]:
+    """Why a finished cell's classifier looks degenerate: the same class predicted for every test
+    image (or identical outputs), or the best validation checkpoint at epoch 0 (nothing learned
+    after the first epoch; only flagged when more than one epoch ran)."""
+    flags = []
+    if row.get("status") != "ok":
+        return flags
+    if preds is not None:
+        import numpy as np
+
+        probs, labels, _ = preds
+        if len(probs) > 1 and float(np.ptp(probs, axis=0).max()) < 1e-6:
+            flags.append("constant output")
+        elif labels.ndim == 1 and len(probs) > 1 and len(np.unique(probs.argmax(1))) == 1:
+            flags.append(f"one class predicted for all {len(probs)} test images")
+        elif labels.ndim == 2 and len(probs) > 1 and bool(((probs >= 0.5).all(0) | (probs < 0.5).all(0)).all()):
+            flags.append("every label predicted the same for all test images")
+    else:
+        k = row.get("_num_classes")
+        bal = row.get("test_balanced_accuracy")
+        if k and _finite(bal) and abs(bal - 1.0 / k) < 1e-9 and not row.get("_multilabel"):
+            flags.append("balanced accuracy exactly 1/K (one class predicted?)")
+    if row.get("best_epoch") == 0 and (n_epochs is None or n_epochs > 1):
+        flags.append("best epoch 0")
+    return flags
+
+
+def _per_cell_class_metrics(preds, row: dict, k: int) -> dict[str, float]:
+    """Per-class AUROC (from result.json when recorded), sensitivity and precision (argmax; sigmoid
+    outputs at 0.5 for multi-label) of one cell, keyed ``test_<metric>_class<c>``."""
+    out = {}
+    for c in range(k):
+        v = row.get(f"test_auroc_class{c}")
+        if _finite(v):
+            out[f"test_auroc_class{c}"] = float(v)
+    if preds is None:
+        return out
+    probs, labels, _ = preds
+    for c in range(probs.shape[1]):
+        sens, prec = _sens_fn(c), _prec_fn(c)
+        out[f"test_sensitivity_class{c}"] = sens(labels, probs)
+        out[f"test_precision_class{c}"] = prec(labels, probs)
+        if f"test_auroc_class{c}" not in out:
+            from medmim.eval.metrics import binary_auroc
+
+            y = labels[:, c] if labels.ndim == 2 else (labels == c)
+            out[f"test_auroc_class{c}"] = binary_auroc(y, probs[:, c])
+    return out  # NaN kept: a class absent from the test split
+
+
+def _decisions(labels, probs, c: int):
+    import numpy as np
+
+    if labels.ndim == 2:
+        return labels[:, c].astype(bool), probs[:, c] >= 0.5
+    return np.asarray(labels) == c, probs.argmax(1) == c
+
+
+def _sens_fn(c: int):
+    def f(labels, probs):
+        y, pred = _decisions(labels, probs, c)
+        return float(pred[y].mean()) if y.any() else float("nan")
+    f.__name__ = f"sensitivity_class{c}"
+    return f
+
+
+def _prec_fn(c: int):
+    def f(labels, probs):
+        y, pred = _decisions(labels, probs, c)
+        return float(y[pred].mean()) if pred.any() else float("nan")
+    f.__name__ = f"precision_class{c}"
+    return f
+
+
+PER_CLASS = ("auroc", "sensitivity", "precision")
+
+
+def per_class_table(rows: list[dict], preds: dict, k: int, n_boot: int = 1000) -> list[dict]:
+    """Per init × mode × fraction × class: AUROC, sensitivity and precision, mean over the seeds
+    with a t-based 95% CI over seeds (``summarize_rows``); with one seed, the percentile bootstrap
+    CI over the test cases (``bootstrap_cis``; AUROC's from result.json) instead, marked as such."""
+    from medmim.eval.metrics import bootstrap_cis
+    from pipelines.label_efficiency import summarize_rows
+
+    cell_rows = []
+    for r in rows:
+        if r.get("status") != "ok":
+            continue
+        cell_rows.append({"init": r["init"], "mode": r["mode"], "fraction": r["fraction"], "status": "ok",
+                          "cell": r.get("cell"), **_per_cell_class_metrics(preds.get(r.get("cell")), r, k)})
+    out = []
+    for c in range(k):
+        per_metric = {m: {(s["init"], s["mode"], s["fraction"]): s
+                          for s in summarize_rows(cell_rows, f"{m}_class{c}", bounded=True)} for m in PER_CLASS}
+        for key in sorted(per_metric["auroc"]):
+            entry = {"init": key[0], "mode": key[1], "fraction": key[2], "class": c}
+            for m in PER_CLASS:
+                s = per_metric[m][key]
+                entry[m] = {"mean": s[f"{m}_class{c}_mean"], "low": s["ci95_low"], "high": s["ci95_high"],
+                            "n": s["n_seeds"], "ci": "seeds"}
+            if entry["auroc"]["n"] + entry["sensitivity"]["n"] == 0:
+                continue
+            group = [r for r in cell_rows if (r["init"], r["mode"], r["fraction"]) == key]
+            if len(group) == 1:  # one seed: the test-set bootstrap CI of that cell
+                r0 = next(r for r in rows if r.get("cell") == group[0]["cell"])
+                lo, hi = r0.get(f"test_auroc_class{c}_ci_low"), r0.get(f"test_auroc_class{c}_ci_high")
+                if _finite(lo) and _finite(hi):
+                    entry["auroc"].update(low=lo, high=hi, ci="bootstrap")
+                pr = preds.get(group[0]["cell"])
+                if pr is not None and n_boot and c < pr[0].shape[1]:
+                    cis = bootstrap_cis(pr[1], pr[0], [_sens_fn(c), _prec_fn(c)], n=n_boot, seed=0)
+                    for m in ("sensitivity", "precision"):
+                        ci = cis[f"{m}_class{c}"]
+                        if _finite(ci["low"]):
+                            entry[m].update(low=ci["low"], high=ci["high"], ci="bootstrap")
+            out.append(entry)
+    out.sort(key=lambda e: (e["mode"], e["fraction"], e["init"], e["class"]))
+    return out
+
+
+def _ci_cell(v: dict) -> str:
+    if not _finite(v.get("mean")):
+        return "–"
+    if v["ci"] == "bootstrap":
+        return f"{v['mean']:.3f} <span class='muted'>[{v['low']:.3f}, {v['high']:.3f}] test bootstrap</span>"
+    if v["n"] < 2 or not _finite(v.get("low")):
+        return f"{v['mean']:.3f} <span class='muted'>(n={v['n']})</span>"
+    return f"{v['mean']:.3f} <span class='muted'>[{v['low']:.3f}, {v['high']:.3f}]</span>"
+
+
+def _frac(f) -> str:
+    return _num(float(f), 3).rstrip("0").rstrip(".")
+
+
+def _slug(*parts) -> str:
+    return "-".join(str(p).replace(".", "_").replace("/", "_") for p in parts)
+
+
+def _cell_figures(study: Path, img_dir: Path, rows: list[dict], preds: dict, class_names: list[str],
+                  multilabel: bool) -> list[tuple[str, str, list[tuple[str, str]]]]:
+    """Per mode × fraction: (mode, fraction, [(image path, caption)]) for ROC/PR, confusion matrices
+    and learning curves, drawn from the cells' predictions and metrics.jsonl."""
+    from medmim.eval.plots import curve_points, plot_confusion, plot_learning_curves, plot_roc_pr
+
+    out = []
+    ok = [r for r in rows if r.get("status") == "ok"]
+    for mode in sorted({r["mode"] for r in ok}):
+        for frac in sorted({r["fraction"] for r in ok if r["mode"] == mode}):
+            group = [r for r in ok if r["mode"] == mode and r["fraction"] == frac]
+            figs: list[tuple[str, str]] = []
+            where = f"{mode} fine-tuning" if mode == "full" else f"{mode} probe"
+            n_lab = sorted({r.get("n_labelled") for r in group if r.get("n_labelled")})
+            label = f"{float(frac) * 100:g}% of the labels" + (f" ({n_lab[0]} images)" if len(n_lab) == 1 else "")
+            curves: dict[str, list] = {}
+            for r in group:
+                pr = preds.get(r["cell"])
+                if pr is not None:
+                    curves.setdefault(r["init"], []).append(curve_points(pr[1], pr[0]))
+            mats = confusion_by_init(group, preds)
+            if curves:
+                name = f"roc_pr-{_slug(mode, frac)}.png"
+                plot_roc_pr(curves, img_dir / name, f"Test ROC and precision-recall, {where}, {label}")
+                figs.append((f"img/{name}", "ROC (left) and precision-recall (right) on the test split, one "
+                             "line per seed; legend: mean AUROC / AP over the seeds"
+                             + ("; micro-average over the one-vs-rest problems" if multilabel or len(class_names) > 2
+                                else f"; positive class: {class_names[1] if len(class_names) > 1 else 1}")))
+            if mats:
+                name = f"confusion-{_slug(mode, frac)}.png"
+                names = class_names if len(class_names) == next(iter(mats.values()))[0].shape[0] else \
+                    [str(c) for c in range(next(iter(mats.values()))[0].shape[0])]
+                plot_confusion(mats, names, img_dir / name, f"Test confusion matrices, {where}, {label}")
+                figs.append((f"img/{name}", "Confusion matrices (rows: true class, columns: predicted = argmax), "
+                             "counts summed over the seeds, shaded by the share of the true class"))
+            runs: dict[str, list] = {}
+            for r in group:
+                recs = _read_jsonl(study / "cells" / str(r["cell"]) / "metrics.jsonl")
+                recs = [m for m in recs if _finite(m.get("epoch"))]
+                if recs:
+                    runs.setdefault(r["init"], []).append((r.get("seed", 0), recs))
+            if runs:
+                name = f"learning-{_slug(mode, frac)}.png"
+                plot_learning_curves(runs, img_dir / name, f"Learning curves, {where}, {label}")
+                figs.append((f"img/{name}", "Per cell (one line per seed): train loss (solid) and validation "
+                             "loss (dashed), and the validation AUROC that picks the best checkpoint"))
+            if figs:
+                out.append((mode, frac, figs))
+    return out
+
+
+def confusion_by_init(group: list[dict], preds: dict) -> dict[str, tuple]:
+    """init -> (confusion matrix of the argmax decision summed over its cells, number of cells);
+    single-label cells with predictions only (scikit-learn ``confusion_matrix``)."""
+    from sklearn.metrics import confusion_matrix
+
+    mats: dict[str, tuple] = {}
+    for r in group:
+        pr = preds.get(r.get("cell"))
+        if pr is None or pr[1].ndim != 1:
+            continue
+        probs, labels, _ = pr
+        cm = confusion_matrix(labels, probs.argmax(1), labels=list(range(probs.shape[1])))
+        old = mats.get(r["init"])
+        mats[r["init"]] = (cm, 1) if old is None or old[0].shape != cm.shape else (old[0] + cm, old[1] + 1)
+    return mats
+
+
+def _anomaly_runs(study: Path) -> list[tuple[str, dict]]:
+    """(name, metrics.json) of every scored split of an anomaly run in or under ``study``."""
+    found = []
+    for f in sorted(list(study.glob("scores_*/metrics.json")) + list(study.glob("*/scores_*/metrics.json"))):
+        m = _read_json(f, None)
+        if isinstance(m, dict):
+            found.append((str(f.parent.relative_to(study)), m))
+    return found
+
+
+def _anomaly_html(runs: list[tuple[str, dict]]) -> str:
+    rows = []
+    for name, m in runs:
+        for kind in ("l2", "l1", "ssim"):
+            mk = m.get(kind)
+            if not isinstance(mk, dict):
+                continue
+            op = mk.get("operating_point") or {}
+            rows.append([_e(name) + (" (primary)" if m.get("primary_error") == kind else ""), _e(kind),
+                         _num(mk.get("image_auroc")), _num(mk.get("image_ap")), _num(mk.get("pixel_auroc")),
+                         _num(mk.get("pixel_best_dice")), _num(op.get("sensitivity")), _num(op.get("specificity")),
+                         _num(m.get("n_anomalous")), _num(m.get("n_normal"))])
+    return _table(["scored split", "error", "image AUROC", "image AP", "pixel AUROC", "best pixel Dice",
+                   "sensitivity @thr", "specificity @thr", "anomalous", "normal"], rows, "anomaly")
+
+
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1100px;padding:0 1em;color:#222}
 h1{font-size:1.6em}h2{font-size:1.25em;border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.8em}
@@ -155,7 +496,7 @@ def _pretrain_rows(study: Path) -> list[list[str]]:
     return rows
 
 
-def _data_card_html(card: dict | None) -> str:
+def _data_card_html(card: dict | None, class_names: list[str] | None = None) -> str:
     if not card:
         return "<p class='muted'>no data card recorded</p>"
     card = _scrub(card)
@@ -164,7 +505,11 @@ def _data_card_html(card: dict | None) -> str:
     out = _table(["field", "value"], [[_e(k), _e(json.dumps(v) if isinstance(v, dict) else v)] for k, v in facts])
     splits = card.get("splits") or {}
     classes = sorted({c for s in splits.values() for c in (s.get("classes") or {})})
-    names = card.get("label_names") or {}
+    names = {str(k): v for k, v in (card.get("label_names") or {}).items()} if isinstance(card.get("label_names"), dict) \
+        else {}
+    for i, n in enumerate(class_names or []):
+        if n != str(i):
+            names.setdefault(str(i), n)
     head = ["split", "images", "patients"] + [f"class {c}" + (f" ({names[c]})" if c in names else "") for c in classes]
     rows = [[_e(s), _num(v.get("images")), _num(v.get("patients")), *[_num((v.get("classes") or {}).get(c, 0))
                                                                         for c in classes]]
@@ -177,44 +522,149 @@ def _data_card_html(card: dict | None) -> str:
     return out
 
 
-def render_html(study: Path, curve: str | None, grids: list[tuple[str, str, str]]) -> str:
+def _load_yaml(path: Path) -> dict:
+    try:
+        import yaml
+
+        obj = yaml.safe_load(path.read_text())
+        return obj if isinstance(obj, dict) else {}
+    except Exception:  # noqa: BLE001 - a missing or odd config only costs class names
+        return {}
+
+
+def study_context(study: Path, img_dir: Path | None = None) -> dict[str, Any]:
+    """Everything the page shows beyond the study's own tables: class names, predictions per cell,
+    per-class metrics, paired tests, degenerate-classifier flags and (with ``img_dir``) the figures."""
+    summary_doc = _read_json(study / "summary.json", {}) or {}
+    metric = summary_doc.get("metric", "auroc")
+    rows = _read_json(study / "results.json", []) or []
+    config = _load_yaml(study / "config.yaml")
+    card = _read_json(study / "data_card.json")
+    data_cfg = config.get("data") or {}
+    multilabel = bool((config.get("finetune") or {}).get("multilabel"))
+    preds = {r["cell"]: pr for r in rows if "cell" in r and (pr := _cell_predictions(study, r)) is not None}
+    k = int(data_cfg.get("num_classes") or 0) or (next(iter(preds.values()))[0].shape[1] if preds else 0)
+    if not k:
+        k = len({c for s in ((card or {}).get("splits") or {}).values() for c in (s.get("classes") or {})}) or 2
+    from medmim.eval.predictions import resolve_class_names
+
+    names = resolve_class_names(k, config, card)
+    if names == [str(c) for c in range(k)]:  # names recorded beside the predictions
+        for pr in preds.values():
+            if pr[2] and len(pr[2]) == k:
+                names = pr[2]
+                break
+    flags = {}
+    for r in rows:
+        n_epochs = None
+        mfile = study / "cells" / str(r.get("cell", "")) / "metrics.jsonl"
+        if mfile.exists():
+            n_epochs = len({m.get("epoch") for m in _read_jsonl(mfile)})
+        f = degenerate_flags({**r, "_num_classes": k, "_multilabel": multilabel}, preds.get(r.get("cell")), n_epochs)
+        if f:
+            flags[r["cell"]] = f
+    ctx = {"metric": metric, "rows": rows, "class_names": names, "num_classes": k, "preds": preds, "flags": flags,
+           "paired": paired_tests(rows, metric), "per_class": per_class_table(rows, preds, k) if rows else [],
+           "anomaly": _anomaly_runs(study), "figures": []}
+    if img_dir is not None and rows:
+        ctx["figures"] = _cell_figures(study, img_dir, rows, preds, names, multilabel)
+    return ctx
+
+
+def render_html(study: Path, curve: str | None, grids: list[tuple[str, str, str]],
+                ctx: dict[str, Any] | None = None) -> str:
     summary_doc = _read_json(study / "summary.json", {}) or {}
     metric = summary_doc.get("metric", "auroc")
     summary = summary_doc.get("groups", [])
-    rows = _read_json(study / "results.json", []) or []
+    ctx = ctx if ctx is not None else study_context(study)
+    rows = ctx["rows"]
     env = _scrub(_read_json(study / "environment.json", {}) or {})
     card = _read_json(study / "data_card.json")
     config = (study / "config.yaml").read_text() if (study / "config.yaml").exists() else ""
     n_ok = sum(r.get("status") == "ok" for r in rows)
     n_fail = len(rows) - n_ok
+    names = ctx["class_names"]
+    flags = ctx["flags"]
 
     parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>medmim study: {_e(study.name)}</title>",
              f"<style>{CSS}</style></head><body data-images='pending'>",
              f"<h1>Label-efficiency study <code>{_e(study.name)}</code></h1>",
              f"<p class='muted'>metric: test {_e(metric)} · cells finished: {n_ok}"
              + (f" · <span class='neg'>failed: {n_fail}</span>" if n_fail else "")
+             + (f" · <span class='neg'>flagged degenerate: {len(flags)}</span>" if flags else "")
+             + f" · classes: {_e(', '.join(f'{c} = {n}' if n != str(c) else str(c) for c, n in enumerate(names)))}"
              + f" · report written {_e(_dt.datetime.now().strftime('%Y-%m-%d %H:%M'))}</p>"]
 
     parts.append("<h2>Results</h2>")
     srows = []
     for s in summary:
         m = s.get(f"{metric}_mean")
-        srows.append([_e(s["init"]), _e(s["mode"]), _num(s["fraction"], 3).rstrip("0").rstrip("."),
-                      _num(s.get("n_labelled")), _num(m), _num(s.get(f"{metric}_std")),
-                      f"{_num(s.get('ci95_low'))} – {_num(s.get('ci95_high'))}", _num(s.get("n_seeds")),
-                      _num(s.get("failed"))])
-    parts.append(_table(["init", "mode", "fraction", "labelled images", f"{metric} mean", "std", "95% CI",
-                         "seeds", "failed"], srows, "summary"))
+        n = s.get("n_seeds") or 0
+        sd = _num(s.get(f"{metric}_std")) if n >= 2 else "–"
+        ci = f"{_num(s.get('ci95_low'))} – {_num(s.get('ci95_high'))}" if n >= 2 and _finite(s.get("ci95_low")) \
+            else f"– <span class='muted'>(n={n})</span>"
+        n_flag = sum(1 for r in rows if r.get("cell") in flags and (r.get("init"), r.get("mode"), r.get("fraction"))
+                     == (s["init"], s["mode"], s["fraction"]))
+        srows.append([_e(s["init"]), _e(s["mode"]), _frac(s["fraction"]),
+                      _num(s.get("n_labelled")), _num(m), sd, ci, _num(n), _num(s.get("failed")),
+                      f"<span class='neg'>{n_flag}</span>" if n_flag else "0"])
+    parts.append(_table(["init", "mode", "fraction", "labelled images", f"{metric} mean", "std", "95% CI (seeds)",
+                         "seeds", "failed", "degenerate"], srows, "summary"))
+    parts.append("<p class='muted'>95% CI: t-interval over the seeds' test values (shown from 2 seeds on). "
+                 "Degenerate: cells flagged below (one class predicted for every image, or the best checkpoint "
+                 "at epoch 0).</p>")
     comp = comparison(summary, metric)
     if comp:
-        crow = [[_e(c["mode"]), _num(c["fraction"], 3).rstrip("0").rstrip("."), f"{_num(c['scratch'])} ({_e(c['scratch_init'])})",
-                 f"{_num(c['best_pretrained'])} ({_e(c['best_init'])})",
-                 f"<span class='{'pos' if c['delta'] >= 0 else 'neg'}'>{c['delta']:+.3f}</span>"] for c in comp]
+        crow = []
+        for c in comp:
+            t = paired_test(rows, c["best_init"], c["scratch_init"], c["mode"], c["fraction"], metric) if rows else None
+            crow.append([_e(c["mode"]), _frac(c["fraction"]), f"{_num(c['scratch'])} ({_e(c['scratch_init'])})",
+                         f"{_num(c['best_pretrained'])} ({_e(c['best_init'])})",
+                         _delta_html(c["delta"], t if t and t["n_pairs"] else None)])
         parts.append("<h3>Best pretrained initialisation vs scratch</h3>")
-        parts.append(_table(["mode", "fraction", "scratch", "best pretrained", "Δ"], crow, "comparison"))
+        parts.append(_table(["mode", "fraction", "scratch", "best pretrained", "Δ (paired test)"], crow, "comparison"))
+    if ctx["paired"]:
+        prow = [[_e(t["mode"]), _frac(t["fraction"]), _e(t["init"]), _e(t["scratch"]), _num(t["n_pairs"]),
+                 _delta_html(t["mean_diff"], None), f"{t['wins']} / {t['losses']}", _e(_p_text(t))]
+                for t in ctx["paired"]]
+        parts.append("<h3>Paired tests: each initialisation against scratch</h3>")
+        parts.append(_table(["mode", "fraction", "init", "against", "matched seeds", f"mean Δ {metric}",
+                             "seeds better / worse", "Wilcoxon signed-rank (two-sided)"], prow, "paired"))
+        parts.append(f"<p class='muted'>Pairs are cells with the same seed (same label subset and same fine-tuning "
+                     f"randomness). Below {MIN_PAIRS} pairs the exact test cannot reach p &lt; 0.05, so no p-value "
+                     "is given; a Δ is coloured only when p &lt; 0.05.</p>")
     if curve:
         parts.append(f"<figure><img src='{_e(curve)}' alt='label-efficiency curve'><figcaption>Test {_e(metric)} "
                      "against the number of labelled images (log scale); band: 95% CI over seeds.</figcaption></figure>")
+
+    if ctx["per_class"]:
+        parts.append("<h2>Per-class metrics</h2>")
+        pcr = [[_e(p["mode"]), _frac(p["fraction"]), _e(p["init"]),
+                _e(f"{p['class']} ({names[p['class']]})" if names[p["class"]] != str(p["class"]) else p["class"]),
+                _ci_cell(p["auroc"]), _ci_cell(p["sensitivity"]), _ci_cell(p["precision"]),
+                _num(max(p["auroc"]["n"], p["sensitivity"]["n"]))] for p in ctx["per_class"]]
+        parts.append(_table(["mode", "fraction", "init", "class", "AUROC (one-vs-rest)", "sensitivity (recall)",
+                             "precision (PPV)", "seeds"], pcr, "per-class"))
+        parts.append("<p class='muted'>Mean over seeds [95% CI: t-interval over seeds]; with one seed, the "
+                     "percentile bootstrap CI over the test images of that cell. Sensitivity and precision of the "
+                     "argmax decision (multi-label: each output at 0.5).</p>")
+
+    if ctx["figures"]:
+        parts.append("<h2>Curves per fraction</h2>")
+        for mode, frac, figs in ctx["figures"]:
+            parts.append(f"<h3>{_e(mode)}, fraction {_frac(frac)}</h3>")
+            for src, caption in figs:
+                parts.append(f"<figure><img src='{_e(src)}' alt='{_e(caption[:60])}'>"
+                             f"<figcaption>{_e(caption)}</figcaption></figure>")
+
+    if flags:
+        parts.append("<h2>Degenerate classifiers</h2>")
+        parts.append(_table(["cell", "why"], [[_e(c), _e("; ".join(f))] for c, f in sorted(flags.items())],
+                            "degenerate"))
+        parts.append("<p class='muted'>A cell that predicts one class for every test image has learned nothing "
+                     "usable whatever its AUROC; a best checkpoint at epoch 0 means validation never improved "
+                     "after the first epoch (too few updates, a too-high learning rate, or too few validation "
+                     "labels to select on).</p>")
 
     parts.append("<h2>Cells</h2>")
     fields = [k for k in ("cell", "init", "mode", "fraction", "seed", "n_labelled", "best_epoch", "val_auroc",
@@ -223,9 +673,11 @@ def render_html(study: Path, curve: str | None, grids: list[tuple[str, str, str]
     crow_html = []
     for r in rows:
         cls = "" if r.get("status") == "ok" else " class='failed'"
-        crow_html.append(f"<tr{cls}>" + "".join(f"<td>{_num(r.get(k))}</td>" for k in fields) + "</tr>")
-    parts.append("<table id='cells'><thead><tr>" + "".join(f"<th>{_e(f)}</th>" for f in fields) + "</tr></thead><tbody>"
-                 + "".join(crow_html) + "</tbody></table>")
+        fl = flags.get(r.get("cell"))
+        crow_html.append(f"<tr{cls}>" + "".join(f"<td>{_num(r.get(k))}</td>" for k in fields)
+                         + f"<td>{_e('; '.join(fl)) if fl else ''}</td></tr>")
+    parts.append("<table id='cells'><thead><tr>" + "".join(f"<th>{_e(f)}</th>" for f in fields + ["flags"])
+                 + "</tr></thead><tbody>" + "".join(crow_html) + "</tbody></table>")
 
     parts.append("<h2>Pretraining</h2>")
     prow = _pretrain_rows(study)
@@ -235,8 +687,12 @@ def render_html(study: Path, curve: str | None, grids: list[tuple[str, str, str]
         parts.append(f"<figure><img src='{_e(src)}' alt='reconstructions {_e(init)} {_e(caption)}'>"
                      f"<figcaption>{_e(init)}, {_e(caption)}: input / masked input / reconstruction</figcaption></figure>")
 
+    if ctx["anomaly"]:
+        parts.append("<h2>Anomaly detection</h2>")
+        parts.append(_anomaly_html(ctx["anomaly"]))
+
     parts.append("<h2>Data</h2>")
-    parts.append(_data_card_html(card))
+    parts.append(_data_card_html(card, names))
 
     parts.append("<h2>Configuration</h2>")
     parts.append(f"<pre id='config'>{_e(config)}</pre>")
@@ -254,7 +710,8 @@ def write_report(study_dir: str | Path, out_dir: str | Path | None = None) -> Pa
     tmp = Path(tempfile.mkdtemp(prefix=".report.", dir=out.parent))
     try:
         curve, grids = _copy_images(study, tmp / "img")
-        write_text(tmp / "index.html", render_html(study, curve, grids))
+        ctx = study_context(study, tmp / "img")
+        write_text(tmp / "index.html", render_html(study, curve, grids, ctx))
         old = None
         if out.exists():
             old = out.with_name(f".{out.name}.old.{os.getpid()}")
