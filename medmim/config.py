@@ -39,6 +39,31 @@ class PhantomConfig(Section):
     size_3d: int = Field(32, ge=16)
     abnormal_fraction: float = Field(0.5, gt=0, lt=1)
     seed: int = 1234
+    # an unlabelled pretraining pool of this many more patients from the same distribution (labels
+    # dropped, own seed and patient ids, never overlapping the labelled set); 0 = none. medmim/data/pool.py
+    pool_patients: int = Field(0, ge=0)
+    pool_seed: int = 4321
+
+
+class UnlabelledSource(Section):
+    """One extra source of images for pretraining only (``data.unlabelled``); labels in it are ignored."""
+
+    path: str  # a folder (images, recursively), a DICOM folder, a manifest (CSV/JSONL) or an npz file
+    kind: Literal["auto", "folder", "dicom", "manifest", "npz"] = "auto"
+    preset: Optional[str] = None  # intensity preset for this source (default: from modality, else data's preset)
+    modality: Optional[Literal["ct", "mri", "xray", "generic"]] = None
+    keys: Optional[list[str]] = None  # npz: the arrays to take (default: every *_images array, else all)
+    fraction: float = Field(1.0, gt=0, le=1)  # a seeded, nested subset of the source (pool-size curves)
+    name: Optional[str] = None  # shown in logs and reports (default: the path's name)
+
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, v: Optional[str]) -> Optional[str]:
+        from medmim.data.presets import PRESETS
+
+        if v is not None and v not in PRESETS:
+            raise ValueError(f"unknown preset '{v}'; allowed: {', '.join(PRESETS)}")
+        return v
 
 
 class DataConfig(Section):
@@ -66,11 +91,29 @@ class DataConfig(Section):
     patch_samples: int = Field(0, ge=0)  # pretraining: this many random image_size patches per image
     split_file: Optional[str] = None  # patient -> split JSON: written on first use, reused afterwards
     phantoms: PhantomConfig = PhantomConfig()
+    # extra images for pretraining only (folders, DICOM folders, manifests, npz files); content-hashed
+    # against val and test, matches dropped and counted (medmim/data/pool.py, docs/pool.md)
+    unlabelled: list[UnlabelledSource] = []
+    pretrain_on_labelled: bool = True  # pretraining also sees the labelled train+val images
+
+    @field_validator("unlabelled", mode="before")
+    @classmethod
+    def _bare_paths(cls, v):
+        """``unlabelled: [folder, other.npz]``: a bare path is a source with every default."""
+        if isinstance(v, (str, dict)):
+            v = [v]
+        return [{"path": e} if isinstance(e, str) else e for e in v] if isinstance(v, list) else v
 
     @model_validator(mode="after")
     def _path_needed(self) -> "DataConfig":
         if self.source in ("medmnist", "manifest") and not self.path:
             raise ValueError(f"data.path is required when data.source is '{self.source}'")
+        pool_phantoms = self.source == "phantoms" and self.phantoms.pool_patients > 0
+        if not self.pretrain_on_labelled and not (self.unlabelled or pool_phantoms):
+            raise ValueError("data.pretrain_on_labelled is false but there is no data.unlabelled source: "
+                             "pretraining would see no images")
+        if not self.pretrain_on_labelled and self.pretrain_on_test:
+            raise ValueError("data.pretrain_on_test needs data.pretrain_on_labelled")
         return self
 
 

@@ -197,7 +197,9 @@ def run_study(cfg: Config, *, resume: bool = True, log: Callable[[str], None] = 
     fancy = _fancy_default() if progress is None else progress
     with Progress(len(cells), log, fancy) as prog:
         prog.log(f"[study] data: {data.source}; " + ", ".join(f"{k} {len(v)}" for k, v in data.records.items())
-                 + f"; {len(inits)} init(s), {len(cells)} cells")
+                 + f"; {len(inits)} init(s), {len(cells)} cells"
+                 + (f"; pretraining pool {data.pool_info['images']} unlabelled + "
+                    f"{data.pool_info['labelled_images']} labelled images" if data.pool_info else ""))
         init_weights: dict[str, Path | None] = {}
         for init in inits:
             prog.status(f"pretraining {init.entry}")
@@ -338,7 +340,7 @@ def data_card(cfg: Config, data: DataBundle) -> dict[str, Any]:
         from medmim.data.card import build_card
 
         card = build_card(records, name=cfg.run.name, source=data.source, modality=cfg.data.modality,
-                          skipped=data.skipped)
+                          skipped=data.skipped, pool=data.pool_info or None)
         card["preset"] = data.preset
         return card
     except Exception:  # noqa: BLE001 - fall back to plain counts
@@ -352,8 +354,11 @@ def data_card(cfg: Config, data: DataBundle) -> dict[str, Any]:
             classes[key] = classes.get(key, 0) + 1
         splits[split] = {"images": len(recs), "patients": len({str(r.get("patient_id")) for r in recs}),
                          "classes": dict(sorted(classes.items()))}
-    return {"name": cfg.run.name, "source": data.source, "fingerprint": data.fingerprint, "preset": data.preset,
-            "n_images": len(records), "splits": splits, "skipped": len(data.skipped)}
+    out = {"name": cfg.run.name, "source": data.source, "fingerprint": data.fingerprint, "preset": data.preset,
+           "n_images": len(records), "splits": splits, "skipped": len(data.skipped)}
+    if data.pool_info:
+        out["pretraining_pool"] = data.pool_info
+    return out
 
 
 # ---- results ---------------------------------------------------------------------------------------

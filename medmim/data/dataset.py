@@ -58,14 +58,19 @@ class DataBundle:
     source: str
     num_classes: int
     skipped: list[dict] = field(default_factory=list)  # {"file", "reason"}
+    # unlabelled pretraining pool (data.unlabelled; guarded against val/test): medmim.data.pool
+    pool: list[dict] = field(default_factory=list)
+    pool_info: dict = field(default_factory=dict)
+    pretrain_on_labelled: bool = True
 
     def split(self, name: str) -> list[dict]:
         return self.records.get(name, [])
 
     def pretrain_records(self, include_test: bool = False) -> list[dict]:
-        """Images for self-supervised pretraining: train+val, and test only when asked for."""
-        out = self.split("train") + self.split("val")
-        return out + self.split("test") if include_test else out
+        """Images for self-supervised pretraining: train+val (unless data.pretrain_on_labelled is
+        false), test only when asked for, and the unlabelled pool."""
+        out = self.split("train") + self.split("val") if self.pretrain_on_labelled else []
+        return (out + self.split("test") if include_test else out) + self.pool
 
     def write_skipped(self, path: str | Path) -> Path | None:
         """skipped.csv (file, reason), deduplicated; nothing is written when nothing was skipped."""
@@ -141,9 +146,14 @@ def prepare_data(cfg: Config) -> DataBundle:
         by_split["train"] = [by_split["train"][i] for i in keep]
     if not by_split["train"]:
         raise DataError(f"{source}: no training images")
-    return DataBundle(records=by_split, spatial_dims=dc.spatial_dims, preset=dc.preset or default_preset,
-                      fingerprint=mf.records_fingerprint(records), source=source,
-                      num_classes=dc.num_classes)
+    bundle = DataBundle(records=by_split, spatial_dims=dc.spatial_dims, preset=dc.preset or default_preset,
+                        fingerprint=mf.records_fingerprint(records), source=source,
+                        num_classes=dc.num_classes, pretrain_on_labelled=dc.pretrain_on_labelled)
+    if dc.unlabelled or (dc.source == "phantoms" and dc.phantoms.pool_patients):
+        from medmim.data.pool import attach_pool
+
+        attach_pool(bundle, cfg)
+    return bundle
 
 
 class LoadRecordd(mt.MapTransform):
@@ -303,8 +313,17 @@ def materialize(records: list[dict], dc: DataConfig, preset: str, with_mask: boo
     * ``none``: checked once (so bad files are skipped up front), then re-read on every access.
 
     Only the keys needed for training are kept (image, label, mask): patient identifiers and
-    paths never enter batches.
+    paths never enter batches. Records carrying their own preset (an unlabelled pool source's,
+    medmim.data.pool) are materialised per preset and concatenated.
     """
+    from medmim.data.pool import PRESET_KEY, preset_groups
+
+    groups = preset_groups(records, preset)
+    if len(groups) > 1 or (groups and groups[0][0] != preset):
+        parts = [materialize([{k: v for k, v in r.items() if k != PRESET_KEY} for r in rs], dc, p, with_mask,
+                             skipped) for p, rs in groups]
+        return [it for part in parts for it in part] if all(isinstance(q, list) for q in parts) \
+            else torch.utils.data.ConcatDataset(parts)
     det = deterministic_transforms(dc, preset, with_mask)
     pairs = [(r, it) for r in records if (it := _item_of(r, with_mask)) is not None]
     out: list[dict] = []
@@ -398,5 +417,8 @@ def set_loader_epoch(loader: DataLoader, epoch: int) -> None:
 
 def summarize(bundle: DataBundle) -> dict[str, Any]:
     counts = {s: len(r) for s, r in bundle.records.items()}
-    return {"source": bundle.source, "fingerprint": bundle.fingerprint, "preset": bundle.preset,
-            "counts": counts, "skipped": len(bundle.skipped)}
+    out = {"source": bundle.source, "fingerprint": bundle.fingerprint, "preset": bundle.preset,
+           "counts": counts, "skipped": len(bundle.skipped)}
+    if bundle.pool_info:
+        out["pretraining_pool"] = bundle.pool_info
+    return out

@@ -181,36 +181,73 @@ def generate(out_dir: str | Path, spatial_dims: int, spec: PhantomSpec = Phantom
     Regenerates only when the folder is missing or was made with other parameters.
     """
     root = Path(out_dir) / f"{spatial_dims}d"
-    manifest = root / "manifest.csv"
     params = {"spatial_dims": spatial_dims, **asdict(spec), "version": 2}
+    return _write_set(root, spatial_dims, spec, params, seed=spec.seed, n_patients=spec.n_patients,
+                      prefix="P", labelled=True)
+
+
+def generate_pool(out_dir: str | Path, spatial_dims: int, spec: PhantomSpec, n_patients: int,
+                  seed: int) -> Path:
+    """An unlabelled pretraining pool: ``n_patients`` more patients drawn from the same distribution
+    as ``spec`` (same anatomy ranges, same share of abnormal patients), with their own ``seed`` and
+    patient ids (``U0000``...), written under ``out_dir/{2d,3d}_pool/`` with a manifest that holds
+    no labels and no masks. Returns the manifest.
+
+    The pool never overlaps the labelled set: the seed must differ from ``spec.seed`` (the patient
+    random streams are ``(seed, spatial_dims, p)``) and the pretraining leakage guard also checks
+    content hashes against val and test (medmim.data.pool).
+    """
+    if seed == spec.seed:
+        raise ValueError(f"data.phantoms.pool_seed ({seed}) must differ from data.phantoms.seed: the pool "
+                         "would repeat the labelled patients")
+    if n_patients < 1:
+        raise ValueError(f"data.phantoms.pool_patients must be >= 1, got {n_patients}")
+    root = Path(out_dir) / f"{spatial_dims}d_pool"
+    pool_spec = PhantomSpec(n_patients=n_patients, images_per_patient=spec.images_per_patient,
+                            size_2d=spec.size_2d, size_3d=spec.size_3d, abnormal_fraction=spec.abnormal_fraction,
+                            seed=seed)
+    params = {"spatial_dims": spatial_dims, **asdict(pool_spec), "version": 2, "pool": True}
+    return _write_set(root, spatial_dims, pool_spec, params, seed=seed, n_patients=n_patients, prefix="U",
+                      labelled=False)
+
+
+def _write_set(root: Path, spatial_dims: int, spec: PhantomSpec, params: dict, *, seed: int, n_patients: int,
+               prefix: str, labelled: bool) -> Path:
+    manifest = root / "manifest.csv"
     params_file = root / "phantom_params.json"
     if manifest.exists() and params_file.exists() and json.loads(params_file.read_text()) == params:
         return manifest
     (root / "images").mkdir(parents=True, exist_ok=True)
-    (root / "masks").mkdir(parents=True, exist_ok=True)
+    if labelled:
+        (root / "masks").mkdir(parents=True, exist_ok=True)
     rows = []
     ext = "png" if spatial_dims == 2 else "nii"
-    n_abnormal = int(round(spec.abnormal_fraction * spec.n_patients))
-    order = np.random.default_rng(spec.seed).permutation(spec.n_patients)
+    n_abnormal = int(round(spec.abnormal_fraction * n_patients))
+    order = np.random.default_rng(seed).permutation(n_patients)
     abnormal_ids = set(order[:n_abnormal].tolist())
-    for p in range(spec.n_patients):
-        rng = np.random.default_rng([spec.seed, spatial_dims, p])
+    for p in range(n_patients):
+        rng = np.random.default_rng([seed, spatial_dims, p])
         anatomy = _patient_params(rng, spatial_dims)
         abnormal = p in abnormal_ids
         lesion = _lesion_params(rng, spatial_dims) if abnormal else None
         for s in range(spec.images_per_patient):
-            name = f"P{p:04d}_S{s}"
+            name = f"{prefix}{p:04d}_S{s}"
             if spatial_dims == 2:
                 img, mask = chest_xray(rng, anatomy, spec.size_2d, abnormal, lesion)
                 _save_png(root / "images" / f"{name}.{ext}", img)
-                _save_mask_png(root / "masks" / f"{name}.{ext}", mask)
+                if labelled:
+                    _save_mask_png(root / "masks" / f"{name}.{ext}", mask)
             else:
                 img, mask = ct_volume(rng, anatomy, spec.size_3d, abnormal, lesion)
                 _save_nifti(root / "images" / f"{name}.{ext}", img)
-                _save_nifti(root / "masks" / f"{name}.{ext}", mask)
-            rows.append({"image": f"images/{name}.{ext}", "mask": f"masks/{name}.{ext}",
-                         "label": int(abnormal), "patient_id": f"P{p:04d}", "study_id": f"S{s}",
-                         "modality": "xray" if spatial_dims == 2 else "ct"})
+                if labelled:
+                    _save_nifti(root / "masks" / f"{name}.{ext}", mask)
+            row = {"image": f"images/{name}.{ext}", "mask": f"masks/{name}.{ext}", "label": int(abnormal),
+                   "patient_id": f"{prefix}{p:04d}", "study_id": f"S{s}",
+                   "modality": "xray" if spatial_dims == 2 else "ct"}
+            if not labelled:  # the pool carries neither labels nor masks
+                row = {k: v for k, v in row.items() if k not in ("mask", "label")}
+            rows.append(row)
     with atomic_path(manifest) as tmp:
         with open(tmp, "w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=list(rows[0]))

@@ -571,6 +571,27 @@ def study_context(study: Path, img_dir: Path | None = None) -> dict[str, Any]:
     return ctx
 
 
+def _pool_html(card: dict | None, summary: list[dict]) -> str:
+    """What pretraining saw, beside the labelled fractions: pool size per source and the guard's drops."""
+    pool = _scrub(card or {}).get("pretraining_pool")
+    if not pool:
+        return ""
+    d = pool.get("dropped", {})
+    fr = sorted({(s["fraction"], s.get("n_labelled")) for s in summary}, key=lambda t: t[0])
+    labelled = ", ".join(f"{f:g} = {_num(n)}" for f, n in fr) or "–"
+    text = (f"<p id='pool'>Pretraining saw <b>{_num(pool.get('pretraining_images'))}</b> images: "
+            f"{_num(pool.get('labelled_images'))} labelled (train+val) + <b>{_num(pool.get('images'))}</b> "
+            f"unlabelled pool images. Labelled images per fraction: {_e(labelled)}. Leakage guard: "
+            f"{_num(d.get('val'))} duplicate(s) of val and {_num(d.get('test'))} of test dropped (content hash), "
+            f"{_num((d.get('id_val') or 0) + (d.get('id_test') or 0))} image(s) of val/test patients dropped.</p>")
+    rows = [[_e(s.get("name")), _e(s.get("kind")), _e(s.get("preset")), _num(s.get("found")), _num(s.get("images")),
+             _num(s.get("dropped_val")), _num(s.get("dropped_test")),
+             _num((s.get("dropped_id_val") or 0) + (s.get("dropped_id_test") or 0)), _num(s.get("patients"))]
+            for s in pool.get("sources", [])]
+    return text + _table(["pool source", "kind", "preset", "found", "used", "dup. val", "dup. test",
+                          "val/test patient", "patients"], rows, "pool")
+
+
 def render_html(study: Path, curve: str | None, grids: list[tuple[str, str, str]],
                 ctx: dict[str, Any] | None = None) -> str:
     summary_doc = _read_json(study / "summary.json", {}) or {}
@@ -613,6 +634,7 @@ def render_html(study: Path, curve: str | None, grids: list[tuple[str, str, str]
     parts.append("<p class='muted'>95% CI: t-interval over the seeds' test values (shown from 2 seeds on). "
                  "Degenerate: cells flagged below (one class predicted for every image, or the best checkpoint "
                  "at epoch 0).</p>")
+    parts.append(_pool_html(card, summary))
     comp = comparison(summary, metric)
     if comp:
         crow = []
