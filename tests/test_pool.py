@@ -205,8 +205,11 @@ def test_per_source_preset_applied(tmp_path):
     items = materialize(pre, cfg.data, data.preset)
     assert len(items) == len(pre)
     pool_item = items[-1]  # groups keep first-seen order: labelled (uint8) first, then the pool
-    direct = deterministic_transforms(cfg.data, "xray", False)({"image": str(pool_dir / "a.png")})
+    chain = deterministic_transforms(cfg.data, "xray", False)
+    direct = chain({"image": str(pool_dir / "a.png")})
     assert torch.equal(pool_item["image"], direct["image"])
+    monai = chain.reference({"image": str(pool_dir / "a.png")})  # the MONAI chain itself
+    assert torch.allclose(pool_item["image"], monai["image"], atol=1e-6)
     default = deterministic_transforms(cfg.data, "uint8", False)({"image": str(pool_dir / "a.png")})
     assert not torch.allclose(pool_item["image"], default["image"], atol=0.05)
     # the labelled images keep the data's preset
