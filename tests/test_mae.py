@@ -11,7 +11,8 @@ from safetensors.torch import save_file
 
 from medmim.masking import LossGuidedMask, random_mask, visible_indices
 from medmim.models.export import export_encoder, load_encoder_weights
-from medmim.models.mae import MAE, SimMIM, patchify, unpatchify
+from medmim.models.mae import MAE, SimMIM
+from medmim.models.patches import patchify, unpatchify
 from medmim.models.vit import ViT, build_vit
 
 torch.set_num_threads(2)

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from medmim.models.cnn import build_cnn
-from medmim.models.spark import SparK, patchify, unpatchify, upsample_mask
+from medmim.models.patches import upsample_mask
+from medmim.models.spark import SparK
 
 torch.set_num_threads(2)
 DATASETS = Path(__file__).resolve().parents[2] / "shared/datasets"
@@ -37,16 +38,6 @@ def test_outputs_and_visible_cells_pasted_back(d, size):
     assert not torch.allclose(out["recon"][~visible], x[~visible])
     out["loss"].backward()
     assert model.mask_tokens[0].grad is not None and model.encoder.conv1.weight.grad.abs().sum() > 0
-
-
-def test_patchify_round_trip():
-    for d in (2, 3):
-        x = torch.randn(2, 3, *[8] * d)
-        p = patchify(x, 4)
-        assert p.shape == (2, 2 ** d, 4 ** d * 3)
-        assert torch.equal(unpatchify(p, 4, 3, (2,) * d), x)
-        assert torch.equal(p[0, 1].view(*[4] * d, 3)[..., 0], x[0, 0, :4, 4:8] if d == 2
-                           else x[0, 0, :4, :4, 4:8])
 
 
 def test_loss_counts_hidden_cells_only():

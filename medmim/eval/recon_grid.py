@@ -18,14 +18,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from medmim.io import atomic_path  # noqa: E402
-
-
-def upsample_mask(mask: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """Patch-grid mask ``(B, *grid)`` -> pixel mask ``(B, *spatial)`` (each cell repeated p times)."""
-    out = mask
-    for axis in range(1, mask.ndim):
-        out = out.repeat_interleave(patch_size, dim=axis)
-    return out
+from medmim.models.patches import upsample_mask  # noqa: E402
 
 
 def _to_slices(t: torch.Tensor, spatial_dims: int) -> np.ndarray:

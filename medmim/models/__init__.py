@@ -9,6 +9,7 @@ from torch import nn
 
 from medmim.config import EncoderConfig, PretrainConfig
 from medmim.errors import ConfigError
+from medmim.models.protocols import is_vit
 
 VIT_NAMES = ("vit_tiny", "vit_small", "vit_base")
 CNN_NAMES = ("resnet18", "resnet50", "convnext_tiny")
@@ -55,7 +56,7 @@ def build_pretext(cfg: PretrainConfig, encoder: nn.Module) -> nn.Module:
     if method == "mae":
         from medmim.models.mae import MAE
 
-        if encoder.__class__.__name__ != "ViT":
+        if not is_vit(encoder):
             raise ConfigError("pretrain.method 'mae' needs a ViT encoder (encoder.name vit_*); "
                               "use 'spark' for CNN encoders")
         return MAE(encoder, decoder_dim=cfg.decoder_dim, decoder_depth=cfg.decoder_depth,
@@ -67,7 +68,7 @@ def build_pretext(cfg: PretrainConfig, encoder: nn.Module) -> nn.Module:
         if cfg.masking == "loss_guided":
             raise ConfigError("pretrain.masking 'loss_guided' needs a difficulty predictor on tokens; it is "
                               "implemented for 'mae' only (use random, block or noise_* with 'spark')")
-        if encoder.__class__.__name__ == "ViT":
+        if is_vit(encoder):
             raise ConfigError("pretrain.method 'spark' needs a CNN encoder (resnet18, resnet50, convnext_tiny)")
 
         return SparK(encoder, mask_ratio=cfg.mask_ratio, backend=cfg.backend, norm_pix_loss=cfg.norm_pix_loss,

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from medmim.models.protocols import is_vit
+
 
 def global_pool(feat: torch.Tensor) -> torch.Tensor:
     """(B, C, *spatial) -> (B, C)."""
@@ -97,7 +99,7 @@ def encoder_layer_ids(encoder: nn.Module) -> tuple[dict[str, int], int]:
     number of layers is then ``len(stages) + 1`` and a head sits at id ``len(stages) + 1``.
     """
     names = [n for n, _ in encoder.named_parameters()]
-    if hasattr(encoder, "layer_id") and hasattr(encoder, "depth"):
+    if is_vit(encoder):
         return {n: int(encoder.layer_id(n)) for n in names}, int(encoder.depth) + 2
     stage_of: dict[int, int] = {}
     stages = _stage_modules(encoder)

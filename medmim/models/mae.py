@@ -4,7 +4,8 @@ MAE (He et al. 2022): the encoder sees ONLY the visible patches; a light decoder
 depth) gets the encoded visible tokens scattered back onto the full grid, a shared learned mask
 token at every hidden cell, plus a fixed sin-cos position embedding, and predicts every patch's
 pixels. The loss is the mean squared error over the HIDDEN patches only, optionally against
-per-patch normalised targets (``norm_pix_loss``: each target patch minus its mean, over its std).
+per-patch normalised targets (``norm_pix_loss``: each target patch minus its mean, over its std;
+see :mod:`medmim.models.patches`).
 
 SimMIM (Xie et al. 2022), full-token: every patch enters the encoder, hidden ones replaced by a
 learned mask token; a linear head predicts the pixels; L1 on the hidden patches. It costs a full
@@ -20,49 +21,15 @@ MAE predicts the hidden patches only (``pred`` is zero at visible ones); SimMIM 
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from typing import Callable
 
 import torch
 from torch import nn
 
 from medmim.masking import (DifficultyPredictor, LossGuidedMask, RandomMask, build_mask_generator,
                             difficulty_loss, visible_indices)
+from medmim.models.patches import normalise_patches, patchify, unpatchify
 from medmim.models.vit import Block, sincos_position_embedding
-
-NORM_PIX_EPS = 1e-6
-
-
-# ---- patches ------------------------------------------------------------------------------------
-def patchify(x: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """``(B, C, *spatial)`` -> ``(B, N, p**d * C)``: patches in row-major grid order, each flattened
-    as (p, p[, p], C). The inverse of :func:`unpatchify`."""
-    b, c, *spatial = x.shape
-    d, p = len(spatial), patch_size
-    if any(s % p for s in spatial):
-        raise ValueError(f"spatial shape {tuple(spatial)} is not divisible by patch size {p}")
-    grid = [s // p for s in spatial]
-    x = x.reshape(b, c, *[v for g in grid for v in (g, p)])
-    # (B, C, g1, p, g2, p, ...) -> (B, g1, g2, ..., p, p, ..., C)
-    x = x.permute(0, *[2 + 2 * i for i in range(d)], *[3 + 2 * i for i in range(d)], 1)
-    return x.reshape(b, math.prod(grid), p**d * c)
-
-
-def unpatchify(patches: torch.Tensor, patch_size: int, grid: Sequence[int], channels: int) -> torch.Tensor:
-    """``(B, N, p**d * C)`` -> ``(B, C, *spatial)``; the exact inverse of :func:`patchify`."""
-    b, d, p = patches.shape[0], len(grid), patch_size
-    x = patches.reshape(b, *grid, *([p] * d), channels)
-    # (B, g1.., p.., C) -> (B, C, g1, p, g2, p, ...)
-    order = [0, 2 * d + 1]
-    for i in range(d):
-        order += [1 + i, 1 + d + i]
-    return x.permute(*order).reshape(b, channels, *[g * p for g in grid])
-
-
-def _normalise_patches(target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    mean = target.mean(-1, keepdim=True)
-    std = (target.var(-1, keepdim=True, unbiased=False) + NORM_PIX_EPS).sqrt()
-    return (target - mean) / std, mean, std
-
 
 def _resolve_generator(mask_generator, mask_ratio: float) -> Callable:
     if mask_generator is None:
@@ -188,7 +155,7 @@ class MAE(nn.Module):
         target = patchify(x if target is None else target, self.patch_size)
         target_hidden = _gather(target, ids_hidden)
         if self.norm_pix_loss:
-            target_hidden, mean, std = _normalise_patches(target_hidden)
+            target_hidden, mean, std = normalise_patches(target_hidden)
         loss_hidden = ((pred_hidden - target_hidden) ** 2).mean(-1)  # (B, Nh): one value per patch
         recon_loss = loss_hidden.mean()
         out = {"recon_loss": recon_loss.detach(), "mask": mask}
@@ -243,7 +210,7 @@ class SimMIM(nn.Module):
         pred = self.head(self.encoder.forward_tokens(tokens))
 
         target = patchify(x, self.patch_size)
-        target_n, mean, std = _normalise_patches(target) if self.norm_pix_loss else (target, 0.0, 1.0)
+        target_n, mean, std = normalise_patches(target) if self.norm_pix_loss else (target, 0.0, 1.0)
         err = (pred - target_n).abs() if self.loss_kind == "l1" else (pred - target_n) ** 2
         weights = hidden.to(err.dtype)
         loss = (err.mean(-1) * weights).sum() / weights.sum()

@@ -20,13 +20,11 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+from monai.networks.layers.factories import Conv, Norm
 from torch import nn
 
 from medmim.models.heads import FreezableEncoder
-
-
-def is_vit(encoder: nn.Module) -> bool:
-    return hasattr(encoder, "blocks") and hasattr(encoder, "embed") and hasattr(encoder, "grid_of")
+from medmim.models.protocols import is_vit
 
 
 def vit_intermediate_tokens(vit: nn.Module, x: torch.Tensor, layers: Sequence[int]) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -46,14 +44,14 @@ def vit_intermediate_tokens(vit: nn.Module, x: torch.Tensor, layers: Sequence[in
 
 
 def _norm(spatial_dims: int, channels: int) -> nn.Module:
-    return (nn.InstanceNorm2d if spatial_dims == 2 else nn.InstanceNorm3d)(channels, affine=True)
+    return Norm[Norm.INSTANCE, spatial_dims](channels, affine=True)
 
 
 class ConvBlock(nn.Sequential):
     """Two (conv 3^d -> instance norm -> leaky ReLU) layers."""
 
     def __init__(self, spatial_dims: int, cin: int, cout: int):
-        conv = nn.Conv2d if spatial_dims == 2 else nn.Conv3d
+        conv = Conv[Conv.CONV, spatial_dims]
         super().__init__(conv(cin, cout, 3, padding=1, bias=False), _norm(spatial_dims, cout),
                          nn.LeakyReLU(0.01, inplace=True),
                          conv(cout, cout, 3, padding=1, bias=False), _norm(spatial_dims, cout),
@@ -92,8 +90,7 @@ class UNetDecoder(nn.Module):
             self.image_block = ConvBlock(spatial_dims, in_channels, image_channels)
             self.final_block = ConvBlock(spatial_dims, cin + image_channels, image_channels)
             cin = image_channels
-        conv = nn.Conv2d if spatial_dims == 2 else nn.Conv3d
-        self.out = conv(cin, num_classes, 1)
+        self.out = Conv[Conv.CONV, spatial_dims](cin, num_classes, 1)
 
     def _up(self, h: torch.Tensor, size) -> torch.Tensor:
         if tuple(h.shape[2:]) == tuple(size):
@@ -147,8 +144,7 @@ class UNETRDecoder(nn.Module):
             self.dec.append(UnetrUpBlock(d, cin, cout, kernel_size=3, upsample_kernel_size=2,
                                          norm_name=norm_name, res_block=res_block))
             cin = cout
-        conv = nn.Conv2d if d == 2 else nn.Conv3d
-        self.out = conv(feature_size, num_classes, 1)
+        self.out = Conv[Conv.CONV, d](feature_size, num_classes, 1)
 
     def forward(self, x: torch.Tensor, hidden: Sequence[torch.Tensor], last: torch.Tensor) -> torch.Tensor:
         skips = [self.enc_image(x)] + [enc(h) for enc, h in zip(self.enc_tokens, hidden)]

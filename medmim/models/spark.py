@@ -22,74 +22,23 @@ from __future__ import annotations
 import math
 
 import torch
+from monai.networks.layers.factories import Conv, Norm
 from torch import nn
 
+from medmim.masking import RandomMask
+from medmim.models.patches import normalise_patches, patchify, unpatchify, upsample_mask
 from medmim.models.sparse import BACKENDS
-
-_CONV = {2: nn.Conv2d, 3: nn.Conv3d}
-_CONVT = {2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
-_BN = {2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
-
-
-def _default_mask_generator(ratio: float):
-    """medmim.masking's random generator; a local per-sample random one if it is unavailable."""
-    try:
-        from medmim.masking import RandomMask
-
-        return RandomMask(ratio)
-    except ImportError:  # pragma: no cover - medmim.masking ships with medmim
-        def gen(batch_size, grid, *, generator=None, device=None):
-            n = math.prod(grid)
-            k = round(ratio * n)
-            noise = torch.rand(batch_size, n, generator=generator).to(device)
-            hidden = torch.zeros(batch_size, n, dtype=torch.bool, device=device)
-            hidden.scatter_(1, noise.argsort(dim=1)[:, :k], True)
-            return hidden.reshape(batch_size, *grid)
-
-        return gen
-
-
-def upsample_mask(mask: torch.Tensor, factor: int) -> torch.Tensor:
-    """Repeat every grid cell ``factor`` times along each spatial axis: ``(B, *grid)`` -> finer."""
-    for dim in range(1, mask.dim()):
-        mask = mask.repeat_interleave(factor, dim=dim)
-    return mask
-
-
-def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
-    """``(B, C, *spatial)`` -> ``(B, L, p**d * C)``, cells in row-major grid order."""
-    b, c, *spatial = x.shape
-    d = len(spatial)
-    grid = [s // p for s in spatial]
-    shape = [b, c]
-    for g in grid:
-        shape += [g, p]
-    x = x.reshape(shape)
-    # (B, C, g1, p, g2, p, ...) -> (B, g1, g2, ..., p, p, ..., C)
-    order = [0] + [2 + 2 * i for i in range(d)] + [3 + 2 * i for i in range(d)] + [1]
-    return x.permute(order).reshape(b, math.prod(grid), p ** d * c)
-
-
-def unpatchify(patches: torch.Tensor, p: int, channels: int, grid: tuple[int, ...]) -> torch.Tensor:
-    """Inverse of :func:`patchify`."""
-    b, d = patches.shape[0], len(grid)
-    x = patches.reshape(b, *grid, *([p] * d), channels)
-    # (B, g1.., p.., C) -> (B, C, g1, p, g2, p, ...)
-    order = [0, 2 * d + 1]
-    for i in range(d):
-        order += [1 + i, 1 + d + i]
-    return x.permute(order).reshape(b, channels, *[g * p for g in grid])
-
 
 class _UpBlock(nn.Module):
     """x2 transposed-conv upsampling, then two 3^d conv-BN-ReLU."""
 
     def __init__(self, d, cin, cout):
         super().__init__()
-        self.up = _CONVT[d](cin, cin, kernel_size=2, stride=2)
+        conv, bn = Conv[Conv.CONV, d], Norm[Norm.BATCH, d]
+        self.up = Conv[Conv.CONVTRANS, d](cin, cin, kernel_size=2, stride=2)
         self.conv = nn.Sequential(
-            _CONV[d](cin, cout, 3, padding=1, bias=False), _BN[d](cout), nn.ReLU(inplace=True),
-            _CONV[d](cout, cout, 3, padding=1, bias=False), _BN[d](cout), nn.ReLU(inplace=True))
+            conv(cin, cout, 3, padding=1, bias=False), bn(cout), nn.ReLU(inplace=True),
+            conv(cout, cout, 3, padding=1, bias=False), bn(cout), nn.ReLU(inplace=True))
 
     def forward(self, x):
         return self.conv(self.up(x))
@@ -112,7 +61,7 @@ class SparK(nn.Module):
             raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
         self.encoder = encoder
         self.mask_ratio, self.backend, self.norm_pix_loss = mask_ratio, backend, norm_pix_loss
-        self.mask_generator = mask_generator or _default_mask_generator(mask_ratio)
+        self.mask_generator = mask_generator or RandomMask(mask_ratio)
         d = self.spatial_dims = encoder.spatial_dims
         ratio = self.downsample_ratio = encoder.downsample_ratio
         n_up = int(round(math.log2(ratio)))
@@ -135,9 +84,9 @@ class SparK(nn.Module):
             self.mask_tokens.append(token)
             self.densify_norms.append(nn.LayerNorm(c))
             k = 1 if s == ratio else 3
-            self.densify_projs.append(_CONV[d](c, width_at[s], k, padding=k // 2))
+            self.densify_projs.append(Conv[Conv.CONV, d](c, width_at[s], k, padding=k // 2))
         self.decoder = nn.ModuleList(_UpBlock(d, widths[i], widths[i + 1]) for i in range(n_up))
-        self.head = _CONV[d](widths[-1], encoder.in_channels, 1)
+        self.head = Conv[Conv.CONV, d](widths[-1], encoder.in_channels, 1)
 
     def densify(self, feats: list[torch.Tensor], mask: torch.Tensor) -> dict[int, torch.Tensor]:
         """Per stride: visible sites normalised, hidden sites = mask token, then projected."""
@@ -174,10 +123,9 @@ class SparK(nn.Module):
         pred = self.decode(self.densify(feats, mask))
 
         target = patchify(x, p)
-        mean = target.mean(dim=-1, keepdim=True)
-        std = (target.var(dim=-1, keepdim=True) + 1e-6).sqrt()
+        normed, mean, std = normalise_patches(target)
         if self.norm_pix_loss:
-            target = (target - mean) / std
+            target = normed
         pred_patches = patchify(pred, p)
         hidden = mask.flatten(1).to(pred.dtype)
         per_cell = ((pred_patches - target) ** 2).mean(dim=-1)
@@ -186,5 +134,5 @@ class SparK(nn.Module):
         with torch.no_grad():
             shown = pred_patches * std + mean if self.norm_pix_loss else pred_patches
             shown = torch.where(hidden.bool().unsqueeze(-1), shown, patchify(x, p))
-            recon = unpatchify(shown, p, x.shape[1], grid)
+            recon = unpatchify(shown, p, grid, x.shape[1])
         return {"loss": loss, "mask": mask, "recon": recon}

@@ -24,6 +24,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from monai.networks.layers import DropPath
+from monai.networks.layers.factories import Conv
 from torch import nn
 
 from medmim.masking.base import visible_indices
@@ -130,8 +131,7 @@ class ViT(nn.Module):
         self.downsample_ratio = self.patch_size
         self.pos_embed_type = pos_embed
 
-        conv = nn.Conv2d if spatial_dims == 2 else nn.Conv3d
-        self.patch_embed = conv(in_channels, embed_dim, kernel_size=self.patch_size, stride=self.patch_size)
+        self.patch_embed = Conv[Conv.CONV, spatial_dims](in_channels, embed_dim, kernel_size=self.patch_size, stride=self.patch_size)
         pe = sincos_position_embedding(self.grid, embed_dim).unsqueeze(0)
         if pos_embed == "learned":
             self.pos_embed = nn.Parameter(torch.randn_like(pe) * 0.02)

@@ -18,9 +18,11 @@ from medmim.data.dataset import DataBundle, augment_transforms, make_loader, mat
 from medmim.data.splits import label_fraction
 from medmim.errors import MedmimError
 from medmim.models import build_pretext, encoder_from_config
-from medmim.models.export import export_encoder, load_encoder_weights, WEIGHTS_NAME
+from medmim.models.export import WEIGHTS_NAME, export_encoder
+from medmim.eval.recon_grid import save_recon_grid
 from medmim.models.heads import Classifier, layer_decay_groups
 from medmim.models.monai_compat import load_init_weights
+from medmim.models.protocols import accepts_generator
 from medmim.train.checkpoint import safe_torch_load
 from medmim.train.distributed import current
 from medmim.train.loop import Runtime, fit
@@ -74,16 +76,12 @@ def pretrain_stage(cfg: Config, data: DataBundle, run: RunDir, runtime: Runtime,
 @torch.no_grad()
 def save_recon_preview(model, images: torch.Tensor, path: Path, runtime: Runtime) -> None:
     """PNG grid of input / masked input / reconstruction for masked-modelling pretexts."""
-    try:
-        from medmim.eval.recon_grid import save_recon_grid
-    except ImportError:
-        return
     if not hasattr(model, "encoder") or getattr(model, "pretext_kind", "masked") != "masked":
         return
     was_training = model.training
     model.eval()
     out = model(images.to(runtime.device), generator=torch.Generator().manual_seed(0)) \
-        if "generator" in model.forward.__code__.co_varnames else model(images.to(runtime.device))
+        if accepts_generator(model) else model(images.to(runtime.device))
     model.train(was_training)
     if "recon" not in out or "mask" not in out:
         return

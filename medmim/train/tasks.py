@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from medmim.models.protocols import accepts_generator
 from medmim.eval.metrics import CLASSIFICATION_METRICS, bootstrap_cis, classification_metrics
 from medmim.train.distributed import all_gather_cat, all_reduce_sum
 from medmim.train.loop import Task, to_device
@@ -37,19 +38,10 @@ class PretrainTask(Task):
         for batch in loader:
             x = to_device(batch, runtime.device)["image"]
             with runtime.autocast():
-                out = model(x, generator=gen) if _accepts_generator(model) else model(x)
+                out = model(x, generator=gen) if accepts_generator(model) else model(x)
             sums += torch.tensor([out["loss"].float().item() * len(x), len(x)], dtype=torch.float64)
         sums = all_reduce_sum(sums)
         return {"loss": float(sums[0] / max(1.0, float(sums[1])))}
-
-
-def _accepts_generator(model) -> bool:
-    import inspect
-
-    try:
-        return "generator" in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 def focal_loss(logits, target, gamma: float = 2.0, weight=None):
