@@ -23,8 +23,6 @@ max-pool; ratio 8) and ``num_stages=3`` (ratio 4: a 7x7 grid on 28x28).
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
