@@ -140,9 +140,9 @@ def _stage_setup(args):
 
 def _report_skipped(data, run) -> None:
     """Unreadable files were skipped, not fatal: list them in the run directory and say so."""
-    if data.skipped and run.writer:
-        path = data.write_skipped(run.path / "skipped.csv")
-        print(f"skipped {len(data.skipped)} unreadable file(s); see {path}", file=sys.stderr)
+    from medmim.train.setup import report_skipped
+
+    report_skipped(data, run)
 
 
 def cmd_pretrain(args) -> int:

@@ -1,14 +1,38 @@
-"""Atomic file writes: temp file in the same folder, fsync, rename. Nothing is ever half-written."""
+"""Files: atomic writes (temp file in the same folder, fsync, rename: nothing is ever half-written),
+JSON lines, one CSV writer, and checkpoints loaded without executing pickled code.
+
+Checkpoints (``.pt``) -- written atomically with a SHA-256 sidecar, loaded without executing pickled code.
+
+Writing ``x.pt`` (every step is an atomic rename, so a kill at any instant leaves a loadable pair):
+
+1. the new file goes to a temp file beside it (fsynced); its hash is computed;
+2. ``x.pt.sha256`` := old hash(es) + new hash (all accepted while the swap is in flight);
+3. the temp file is renamed onto ``x.pt``;
+4. ``x.pt.sha256`` := new hash.
+
+Loading verifies the file against the sidecar (when there is one) and unpickles with
+``weights_only=True``: tensors, numbers, strings and containers only. A file whose pickle would run
+code (``__reduce__`` to ``os.system``, ``open``...) is refused with UnsafeCheckpointError before any
+of it runs; so are corrupted and truncated files.
+"""
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
 import os
+import pickle
 import tempfile
+import zipfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
+
+import torch
+
+from medmim.errors import UnsafeCheckpointError
 
 
 @contextmanager
@@ -69,3 +93,100 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := fh.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def write_csv(path: str | os.PathLike, rows: Iterable[dict], fields: list[str] | None = None) -> Path:
+    """Write ``rows`` (dicts) as a CSV with a header, atomically. ``fields``: the columns, in order
+    (default: every key of the rows in first-seen order, dict-valued keys left out); keys not in
+    ``fields`` are ignored, missing ones are written empty."""
+    rows = list(rows)
+    if fields is None:
+        fields = []
+        for r in rows:
+            fields += [k for k in r if k not in fields and not isinstance(r[k], dict)]
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", newline="", encoding="utf-8") as fh:
+            w = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(rows)
+    return path
+
+
+# ---- checkpoints ---------------------------------------------------------------------------------
+def _sidecar(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def _stale_temps(path: Path) -> list[Path]:
+    return list(path.parent.glob(f".{path.name}.*.tmp"))
+
+
+def save_checkpoint(obj: dict[str, Any], path: str | Path) -> Path:
+    """Write ``obj`` to ``path`` so that a kill at any moment leaves the old or the new checkpoint,
+    each loadable with a matching checksum (see the module docstring)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in _stale_temps(path):  # left by a process killed mid-write
+        stale.unlink(missing_ok=True)
+    side = _sidecar(path)
+    old = side.read_text().split() if side.exists() and path.exists() else []
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        new = sha256_file(tmp)
+        write_text(side, "\n".join(dict.fromkeys(old + [new])) + "\n")
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+        write_text(side, new + "\n")
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def verify_checkpoint(path: str | Path) -> None:
+    """Raise UnsafeCheckpointError unless ``path`` matches its ``.sha256`` sidecar (if it has one)."""
+    path = Path(path)
+    side = _sidecar(path)
+    if not side.exists():
+        return
+    accepted = side.read_text().split()
+    if sha256_file(path) not in accepted:
+        raise UnsafeCheckpointError(
+            f"{path}: checksum mismatch with {side.name}: the file is corrupt, truncated or was modified; "
+            f"refusing to load it")
+
+
+def safe_torch_load(path: str | Path, verify: bool = True) -> Any:
+    """Load tensors/containers only (``weights_only=True``); refuse pickled code and bad checksums."""
+    path = Path(path)
+    if not path.is_file():
+        raise UnsafeCheckpointError(f"{path}: checkpoint not found")
+    if verify:
+        verify_checkpoint(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise UnsafeCheckpointError(
+            f"{path}: refused to load: it carries a pickle payload beyond plain tensors and containers "
+            f"(it would run code on load; {_first_line(exc)})") from None
+    except (RuntimeError, EOFError, io.UnsupportedOperation, ValueError, zipfile.BadZipFile, OSError,
+            KeyError, IndexError, AttributeError, TypeError) as exc:
+        raise UnsafeCheckpointError(
+            f"{path}: not a readable checkpoint (corrupt or truncated? {_first_line(exc)})") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:200]

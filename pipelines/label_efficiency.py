@@ -26,7 +26,6 @@ weights; it only slows a random network's lower layers) unless ``study.overrides
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import sys
@@ -42,10 +41,10 @@ from medmim.config import Config, with_overrides
 from medmim.data.dataset import DataBundle
 from medmim.errors import ConfigError, MedmimError
 from medmim.eval.metrics import UNIT_INTERVAL_METRICS
-from medmim.io import atomic_path, write_json, write_text
+from medmim.io import write_csv, write_json, write_text
 from medmim.train.loop import Runtime
 from medmim.train.rundir import RunDir
-from medmim.train.setup import setup_run
+from medmim.train.setup import report_skipped, setup_run
 from medmim.train.stages import finetune_stage, pretrain_stage
 
 SCRATCH = ("scratch", "none")
@@ -166,10 +165,6 @@ class Progress:
 
 
 def _fancy_default() -> bool:
-    try:
-        import rich  # noqa: F401
-    except ImportError:
-        return False
     return sys.stdout.isatty()
 
 
@@ -223,8 +218,6 @@ def run_study(cfg: Config, *, resume: bool = True, log: Callable[[str], None] = 
     if root.writer:
         summary = write_results(rows, root.path, metric)
         _plot(summary, root.path, metric, log)
-        if data.skipped:
-            _write_csv(root.path / "skipped.csv", data.skipped)
         if cfg.study.report:
             try:
                 from medmim.eval.report import write_report
@@ -237,8 +230,7 @@ def run_study(cfg: Config, *, resume: bool = True, log: Callable[[str], None] = 
     if failed:
         log(f"[study] {len(failed)} of {len(rows)} cell(s) failed: " + ", ".join(r["cell"] for r in failed)
             + " (see cells/<name>/error.txt; rerun the same command to retry them)")
-    if data.skipped:
-        log(f"[study] skipped {len(data.skipped)} unreadable file(s); see {root.path / 'skipped.csv'}")
+    report_skipped(data, root, log, prefix="[study] ")
     return rows
 
 
@@ -331,48 +323,17 @@ def _init_weights(cfg: Config, data: DataBundle, root: RunDir, runtime: Runtime,
 
 # ---- data card -------------------------------------------------------------------------------------
 def data_card(cfg: Config, data: DataBundle) -> dict[str, Any]:
-    """Counts per split and class (images, patients); never an identifier.
+    """Counts per split and class (images, patients); never an identifier (medmim.data.card)."""
+    from medmim.data.card import build_card
 
-    Uses medmim.data.card when it can; else counts straight from the DataBundle.
-    """
     records = [r for split in data.records.values() for r in split]
-    try:
-        from medmim.data.card import build_card
-
-        card = build_card(records, name=cfg.run.name, source=data.source, modality=cfg.data.modality,
-                          skipped=data.skipped, pool=data.pool_info or None)
-        card["preset"] = data.preset
-        return card
-    except Exception:  # noqa: BLE001 - fall back to plain counts
-        pass
-    splits = {}
-    for split, recs in data.records.items():
-        classes: dict[str, int] = {}
-        for r in recs:
-            lab = r.get("label")
-            key = json.dumps(lab) if lab is not None else "unlabelled"
-            classes[key] = classes.get(key, 0) + 1
-        splits[split] = {"images": len(recs), "patients": len({str(r.get("patient_id")) for r in recs}),
-                         "classes": dict(sorted(classes.items()))}
-    out = {"name": cfg.run.name, "source": data.source, "fingerprint": data.fingerprint, "preset": data.preset,
-           "n_images": len(records), "splits": splits, "skipped": len(data.skipped)}
-    if data.pool_info:
-        out["pretraining_pool"] = data.pool_info
-    return out
+    card = build_card(records, name=cfg.run.name, source=data.source, modality=cfg.data.modality,
+                      skipped=data.skipped, pool=data.pool_info or None)
+    card["preset"] = data.preset
+    return card
 
 
 # ---- results ---------------------------------------------------------------------------------------
-def _write_csv(path: Path, rows: list[dict]) -> None:
-    fields: list[str] = []
-    for r in rows:
-        fields += [k for k in r if k not in fields and not isinstance(r[k], dict)]
-    with atomic_path(path) as tmp:
-        with open(tmp, "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
-            w.writeheader()
-            w.writerows(rows)
-
-
 def _finite(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
@@ -436,8 +397,8 @@ def _json_safe(obj):
 def write_results(rows: list[dict], out_dir: Path, metric: str) -> list[dict]:
     """results.csv/.json (one row per cell), summary.csv/.json/.md; returns the summary."""
     summary = summarize_rows(rows, metric)
-    _write_csv(out_dir / "results.csv", rows)
-    _write_csv(out_dir / "summary.csv", summary)
+    write_csv(out_dir / "results.csv", rows)
+    write_csv(out_dir / "summary.csv", summary)
     write_text(out_dir / "results.json", json.dumps(_json_safe(rows), indent=1, default=str) + "\n")
     write_text(out_dir / "summary.json", json.dumps({"metric": metric, "groups": _json_safe(summary)}, indent=1,
                                                     default=str) + "\n")

@@ -1,4 +1,3 @@
-import os
 from pathlib import Path
 
 import pytest
@@ -8,7 +7,6 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "datasets"
 
 torch.set_num_threads(2)
-os.environ.setdefault("MEDMIM_QUIET", "1")
 
 
 @pytest.fixture

@@ -21,7 +21,8 @@ from medmim.config import FinetuneConfig, RunConfig
 from medmim.data.dataset import make_loader, set_loader_epoch
 from medmim.errors import MedmimError
 from medmim.train.checkpoint import safe_torch_load
-from medmim.train.distributed import GlobalBatchSampler, ShardBatchSampler, all_gather_cat, all_reduce_sum
+from medmim.data.samplers import GlobalBatchSampler, ShardBatchSampler
+from medmim.train.distributed import all_gather_cat, all_reduce_sum
 from medmim.train.loop import Runtime, Task, TrainingDiverged, eval_epochs, fit, resolve_precision
 from medmim.train.rundir import RunDir, seed_everything
 

@@ -392,7 +392,7 @@ def make_loader(items: Sequence[dict], batch_size: int, *, shuffle: bool, seed: 
     Transforms that return several samples per item (patch sampling) are flattened into the batch
     (MONAI list_data_collate).
     """
-    from medmim.train.distributed import GlobalBatchSampler, ShardBatchSampler
+    from medmim.data.samplers import GlobalBatchSampler, ShardBatchSampler
 
     ds = AugmentedDataset(items, augment, seed)
     if for_eval is None:

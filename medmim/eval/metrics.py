@@ -94,14 +94,6 @@ def classification_metrics(labels: np.ndarray, probs: np.ndarray, multilabel: bo
     return out
 
 
-def metric_fn(name: str, multilabel: bool = False) -> Callable[[np.ndarray, np.ndarray], float]:
-    """A classification metric by name (``auroc``, ``ap``, ``accuracy``, ``balanced_accuracy``,
-    ``auroc_class{c}``) as ``f(labels, probs) -> float``."""
-    def f(labels, probs):
-        return classification_metrics(labels, probs, multilabel=multilabel)[name]
-    return f
-
-
 def bootstrap_ci(labels, probs, metric: str | Callable = "auroc", n: int = 1000, seed: int = 0,
                  alpha: float = 0.05, multilabel: bool = False) -> dict[str, float]:
     """Percentile bootstrap confidence interval of ``metric`` over the cases of a test set.

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,13 +64,6 @@ def export_encoder(encoder: nn.Module, out_dir: str | Path, meta: dict[str, Any]
     return weights
 
 
-def read_sidecar(weights_path: str | Path) -> dict[str, Any]:
-    side = Path(weights_path).with_suffix(".json")
-    if not side.exists():
-        return {}
-    return json.loads(side.read_text())
-
-
 def load_state(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a weights file without ever executing pickled code."""
     path = Path(path)
@@ -82,7 +74,7 @@ def load_state(path: str | Path) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         except Exception as exc:  # noqa: BLE001 - safetensors raises several types
             raise MedmimError(f"{path}: not a readable safetensors file ({exc})") from None
-    from medmim.train.checkpoint import safe_torch_load  # weights_only, refuses pickle payloads
+    from medmim.io import safe_torch_load  # weights_only, refuses pickle payloads
 
     obj = safe_torch_load(path)
     for key in ("encoder", "state_dict", "model"):

@@ -41,8 +41,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from medmim.config import OptimSettings, RunConfig
 from medmim.data.dataset import set_loader_epoch
 from medmim.errors import MedmimError
-from medmim.io import write_json
-from medmim.train.checkpoint import rng_state, safe_torch_load, save_checkpoint, set_rng_state
+from medmim.io import safe_torch_load, save_checkpoint, write_json
+from medmim.train.checkpoint import rng_state, set_rng_state
 from medmim.train.distributed import all_gather_cat, all_reduce_sum, any_rank, barrier, current, gather_objects
 from medmim.train.rundir import RunDir
 

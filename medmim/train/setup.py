@@ -6,6 +6,7 @@ joins the torchrun process group (when launched by torchrun), seeds python/numpy
 ``run.num_threads``, creates ``<run.out_dir>/<run.name>``, reads the data (rank 0 first, so that
 files it writes, e.g. phantoms, exist before the other ranks read them), records the resolved
 config and the environment in the run folder, and picks the device and precision.
+:func:`report_skipped` is the one skip-and-report at the end of a run.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Callable
 
 from medmim.config import Config
 from medmim.data.dataset import DataBundle, prepare_data, summarize
@@ -56,3 +58,17 @@ def setup_run(cfg: Config, *, record: bool = True) -> tuple[RunDir, DataBundle, 
         run.save_config(cfg)
         run.save_environment(cfg.run.seed, data.fingerprint, {"data": summarize(data)})
     return run, data, Runtime.from_config(cfg.run)
+
+
+def report_skipped(data: DataBundle, run: RunDir, say: Callable[[str], None] | None = None,
+                   prefix: str = "") -> Path | None:
+    """Skip-and-report, the one way: unreadable files were skipped, not fatal; list them in
+    ``<run>/skipped.csv`` (file, reason; rank 0 writes) and say so in one line (stderr by default)."""
+    if not data.skipped:
+        return None
+    path = run.path / "skipped.csv"
+    if run.writer:
+        data.write_skipped(path)
+    (say or (lambda m: print(m, file=sys.stderr)))(f"{prefix}skipped {len(data.skipped)} unreadable file(s); "
+                                                    f"see {path}")
+    return path

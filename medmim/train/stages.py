@@ -23,7 +23,7 @@ from medmim.eval.recon_grid import save_recon_grid
 from medmim.models.heads import Classifier, layer_decay_groups
 from medmim.models.monai_compat import load_init_weights
 from medmim.models.protocols import accepts_generator
-from medmim.train.checkpoint import safe_torch_load
+from medmim.io import safe_torch_load
 from medmim.train.distributed import current
 from medmim.train.loop import Runtime, fit
 from medmim.train.rundir import RunDir, seed_everything
