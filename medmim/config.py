@@ -29,6 +29,7 @@ class RunConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     num_threads: int = Field(2, ge=1)  # CPU threads; fixed so results repeat
+    tensorboard: bool = True  # TensorBoard events in <run>/tb when the tensorboard package is installed
 
 
 class PhantomConfig(Section):

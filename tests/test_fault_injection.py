@@ -150,13 +150,16 @@ def _literal(text: str):
 def _outcome(run: Path) -> dict:
     """Everything a run produced that must not depend on having been killed (the run's own name,
     which differs between trials, is masked; environment.json and the HTML report, which record
-    versions and times, are left out)."""
+    versions and times, are left out, as are TensorBoard event files (named by time and process);
+    the model card, which records times, is compared by presence)."""
     out: dict = {}
     for f in sorted(run.rglob("*")):
         rel = f.relative_to(run).as_posix()
-        if not f.is_file() or rel.endswith(".sha256") or "/." in "/" + rel:
+        if not f.is_file() or rel.endswith(".sha256") or "/." in "/" + rel or rel.split("/")[0] == "tb":
             continue
-        if f.name == "metrics.jsonl":
+        if f.name == "model_card.md":
+            out[rel] = None
+        elif f.name == "metrics.jsonl":
             out[rel] = _metrics(f.parent)
         elif f.suffix == ".safetensors" or (f.suffix == ".pt" and f.name == "best.pt"):
             out[rel] = {k: v.numpy().tobytes() for k, v in _tensors(f).items()}

@@ -121,4 +121,20 @@ def resolve_class_names(num_classes: int, config: dict | None = None, card: dict
     return [str(c) for c in range(k)]
 
 
-__all__ = ["PREDICTIONS_NAME", "write_predictions", "read_predictions", "resolve_class_names"]
+def save_test_predictions(run, task, cfg) -> Path | None:
+    """After a classification stage's test evaluation: write the predictions the task kept
+    (``task.last_predictions``) to ``<run>/predictions_test.csv`` (rank 0). Heads without
+    per-case class probabilities (segmentation) keep none: nothing is written."""
+    preds = getattr(task, "last_predictions", None)
+    if preds is None or not run.writer:
+        return None
+    task.last_predictions = None
+    k = int(np.asarray(preds[0]).reshape(len(preds[0]), -1).shape[1])
+    names = resolve_class_names(k, cfg.model_dump(mode="json"))
+    return write_predictions(run.path / PREDICTIONS_NAME, preds[0], preds[1],
+                             None if names == [str(c) for c in range(k)] else names,
+                             multilabel=bool(cfg.finetune.multilabel))
+
+
+__all__ = ["PREDICTIONS_NAME", "write_predictions", "read_predictions", "resolve_class_names",
+           "save_test_predictions"]

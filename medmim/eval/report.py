@@ -34,14 +34,14 @@ PHI_KEYS = ("patient", "patientname", "patientid", "patient_id", "birth", "acces
             "referringphysician", "otherpatient", "study_id", "studyinstanceuid", "seriesinstanceuid")
 
 
-def _scrub(obj: Any) -> Any:
+def scrub_identifiers(obj: Any) -> Any:
     """Drop keys that name patient-identifying fields, at any depth (counts stay)."""
     if isinstance(obj, dict):
-        return {k: _scrub(v) for k, v in obj.items()
+        return {k: scrub_identifiers(v) for k, v in obj.items()
                 if not any(p in str(k).lower().replace(" ", "") for p in PHI_KEYS) or str(k) == "n_patients"
                 or str(k) == "patients"}
     if isinstance(obj, list):
-        return [_scrub(v) for v in obj]
+        return [scrub_identifiers(v) for v in obj]
     return obj
 
 
@@ -499,7 +499,7 @@ def _pretrain_rows(study: Path) -> list[list[str]]:
 def _data_card_html(card: dict | None, class_names: list[str] | None = None) -> str:
     if not card:
         return "<p class='muted'>no data card recorded</p>"
-    card = _scrub(card)
+    card = scrub_identifiers(card)
     facts = [(k, card.get(k)) for k in ("name", "source", "licence", "modality", "preset", "n_images",
                                         "n_patients", "fingerprint", "skipped") if card.get(k) not in (None, "", {})]
     out = _table(["field", "value"], [[_e(k), _e(json.dumps(v) if isinstance(v, dict) else v)] for k, v in facts])
@@ -599,7 +599,7 @@ def render_html(study: Path, curve: str | None, grids: list[tuple[str, str, str]
     summary = summary_doc.get("groups", [])
     ctx = ctx if ctx is not None else study_context(study)
     rows = ctx["rows"]
-    env = _scrub(_read_json(study / "environment.json", {}) or {})
+    env = scrub_identifiers(_read_json(study / "environment.json", {}) or {})
     card = _read_json(study / "data_card.json")
     config = (study / "config.yaml").read_text() if (study / "config.yaml").exists() else ""
     n_ok = sum(r.get("status") == "ok" for r in rows)

@@ -316,7 +316,7 @@ class _Fit:
         self.metrics = metrics
         # order matters for a kill at any point: the metrics line first (a resumed run drops it and
         # logs it again), then best.pt, then last.pt (which moves the resume point past this epoch)
-        self.run.log_metrics(metrics)
+        self.run.log_metrics(metrics, {"images_per_s": float(totals[1]) / max(metrics["epoch_time_s"], 1e-3)})
         self.say(f"[{self.stage}] epoch {epoch + 1}/{self.settings.epochs} "
                  + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()
                             if isinstance(v, float) and k not in ("lr", "best")))

@@ -7,7 +7,7 @@ import platform
 import random
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
@@ -72,6 +72,8 @@ class RunDir:
     """A folder of one run or one stage of a run. Only rank 0 writes."""
 
     path: Path
+    # TensorBoard events (medmim.train.tracking; set by setup_run on rank 0, passed on to children)
+    tracker: Any = field(default=None, compare=False, repr=False)
 
     @classmethod
     def create(cls, path: str | Path) -> "RunDir":
@@ -85,7 +87,7 @@ class RunDir:
         return current().is_main
 
     def child(self, name: str) -> "RunDir":
-        return RunDir.create(self.path / name)
+        return RunDir(RunDir.create(self.path / name).path, self.tracker.child(name) if self.tracker else None)
 
     @property
     def checkpoints(self) -> Path:
@@ -99,9 +101,12 @@ class RunDir:
         if self.writer:
             write_json(self.path / "environment.json", environment_record(seed, data_fingerprint, extra))
 
-    def log_metrics(self, record: dict[str, Any]) -> None:
+    def log_metrics(self, record: dict[str, Any], tracked: dict[str, float] | None = None) -> None:
+        """Append ``record`` to metrics.jsonl; the tracker (if any) also gets ``tracked`` scalars."""
         if self.writer:
             append_jsonl(self.path / "metrics.jsonl", record)
+            if self.tracker is not None:
+                self.tracker.log_metrics(record, tracked)
 
     def read_metrics(self) -> list[dict[str, Any]]:
         """The metric records; a last line cut short by a killed process is ignored."""

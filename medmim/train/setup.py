@@ -21,6 +21,7 @@ from medmim.data.dataset import DataBundle, prepare_data, summarize
 from medmim.train.distributed import barrier, current, init_from_env
 from medmim.train.loop import Runtime
 from medmim.train.rundir import RunDir, seed_everything
+from medmim.train.tracking import make_tracker
 
 
 def join_distributed(cfg: Config) -> None:
@@ -57,6 +58,7 @@ def setup_run(cfg: Config, *, record: bool = True) -> tuple[RunDir, DataBundle, 
     if record:
         run.save_config(cfg)
         run.save_environment(cfg.run.seed, data.fingerprint, {"data": summarize(data)})
+        run.tracker = make_tracker(cfg, run.path)  # TensorBoard: runs/<name>/tb (run.tensorboard)
     return run, data, Runtime.from_config(cfg.run)
 
 

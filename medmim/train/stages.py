@@ -17,6 +17,8 @@ from medmim.config import Config
 from medmim.data.dataset import DataBundle, augment_transforms, make_loader, materialize, pretrain_transforms
 from medmim.data.splits import label_fraction
 from medmim.errors import MedmimError
+from medmim.eval.model_card import write_model_card
+from medmim.eval.predictions import save_test_predictions
 from medmim.models import build_pretext, encoder_from_config
 from medmim.models.export import WEIGHTS_NAME, export_encoder
 from medmim.eval.recon_grid import save_recon_grid
@@ -61,7 +63,10 @@ def pretrain_stage(cfg: Config, data: DataBundle, run: RunDir, runtime: Runtime,
         last = epoch + 1 == pc.epochs
         if not run.writer or not (last or (pc.recon_every and (epoch + 1) % pc.recon_every == 0)):
             return
-        save_recon_preview(model, preview, run.path / "recon" / f"epoch{epoch + 1:03d}.png", runtime)
+        png = run.path / "recon" / f"epoch{epoch + 1:03d}.png"
+        save_recon_preview(model, preview, png, runtime)
+        if run.tracker is not None and png.exists():
+            run.tracker.log_image("pretrain/reconstructions", png)  # TensorBoard, at this epoch's step
 
     fit(task, loader, pc, run, runtime, stage=f"pretrain:{pc.method}", resume=resume, on_epoch_end=save_grid,
         monitor=None, log=log)
@@ -70,6 +75,7 @@ def pretrain_stage(cfg: Config, data: DataBundle, run: RunDir, runtime: Runtime,
             "architecture": cfg.encoder.name, "encoder_config": cfg.encoder.model_dump(),
             "pretext": pc.method, "image_size": cfg.data.image_size, "data_fingerprint": data.fingerprint,
             "data_source": data.source, "epochs": pc.epochs, "seed": cfg.run.seed})
+        write_model_card(run.path, cfg, data, runtime=runtime, n_images=len(items))  # model_card.md beside it
     return weights
 
 
@@ -199,6 +205,8 @@ def supervised_stage(head: SupervisedHead, cfg: Config, data: DataBundle, run: R
     model.load_state_dict(best["model"])
     t_test = time.perf_counter()
     test = head.test(cfg, task, model, eval_loader(test_items), runtime, seed) if test_items else {}
+    if test_items:
+        save_test_predictions(run, task, cfg)  # predictions_test.csv: ROC/PR, confusion in the report
     times = dict(done.get("time_s") or {})
     times["data"] = round(times.get("data", 0.0) + t_data, 3)
     times["test"] = round(time.perf_counter() - t_test, 3)

@@ -140,6 +140,7 @@ class ClassificationTask(SupervisedTask):
         """Metrics on a loader. ``bootstrap`` > 0 adds 95% CIs (``{metric}_ci_low/high``) from that
         many case resamples, and ``per_class`` keeps ``auroc_class{c}`` (with CIs)."""
         p, y = self.predict(model, loader, runtime)
+        self.last_predictions = (p, y)  # the stage saves the test split's (save_test_predictions)
         m = classification_metrics(y, p, multilabel=self.multilabel)
         m["loss"] = float(F.cross_entropy(torch.log(torch.as_tensor(p).clamp_min(1e-8)), torch.as_tensor(y)).item()) \
             if not self.multilabel else float("nan")
