@@ -201,8 +201,18 @@ def model_card(run_dir: str | Path, cfg, data=None, *, runtime=None, n_images: i
                 or names[int(h[6:])] == h[6:] else f"{h} ({names[int(h[6:])]})" for h in head]
         parts += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         parts += ["| " + " | ".join(str(v) for v in r) + " |" for r in rows]
+        pool = list(getattr(data, "pool", None) or [])
+        info = getattr(data, "pool_info", None) or {}
+        dropped = info.get("dropped") or {}
+        pool_text = ""
+        if pool:
+            pool_text = (f" and an unlabelled pool of {len(pool)} images (leakage guard: "
+                         f"{(dropped.get('val') or 0) + (dropped.get('test') or 0)} duplicates of val/test and "
+                         f"{(dropped.get('id_val') or 0) + (dropped.get('id_test') or 0)} images of val/test patients "
+                         "dropped)")
         parts += ["", "Pretraining used the train and val splits" + (" and the test split" if dc.pretrain_on_test
-                                                                      else "; the test split was held out") + ".", ""]
+                                                                      else "") + pool_text
+                  + ("" if dc.pretrain_on_test else "; the test split was held out") + ".", ""]
 
     parts += ["## Hardware and time", "", _table([
         ("device", hw.get("gpu") or hw["device"]), ("precision", hw["precision"]), ("CPU", hw["cpu"]),

@@ -573,7 +573,7 @@ def study_context(study: Path, img_dir: Path | None = None) -> dict[str, Any]:
 
 def _pool_html(card: dict | None, summary: list[dict]) -> str:
     """What pretraining saw, beside the labelled fractions: pool size per source and the guard's drops."""
-    pool = _scrub(card or {}).get("pretraining_pool")
+    pool = scrub_identifiers(card or {}).get("pretraining_pool")
     if not pool:
         return ""
     d = pool.get("dropped", {})
