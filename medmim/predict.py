@@ -1,18 +1,21 @@
-"""`medmim predict`: run a fine-tuned model on image files or folders.
+"""`medmim predict`: run a fine-tuned model on image files, DICOM series folders or folders of them.
 
-* Classification writes ``predictions.csv``: one row per image with the class probabilities and
-  the predicted class (multi-label: the labels with probability >= 0.5).
-* Segmentation writes one mask per image: NIfTI (``<stem>_seg.nii.gz``) with the source image's
-  affine, header and voxel grid (so it overlays the input voxel for voxel, whatever its
-  orientation), or PNG for PNG/JPEG inputs (same pixel grid).
+Every input goes through the run's own deterministic chain (``medmim.data.dataset.
+deterministic_transforms`` with the run's ``config.yaml`` data section and the intensity preset
+recorded in its ``environment.json``): the same reader, checks, orientation, spacing, preset and
+size as training and ``medmim evaluate``. There is no second loader here.
 
-Images are read the way training read them (MONAI ``LoadImage``, the run's intensity preset, the
-training image size). Segmentation logits are computed on the training grid (with sliding windows
-when the model was trained on patches) and resampled back to the input's own grid before the
-argmax; ``native=True`` skips the resize and slides the training-size window over the native grid.
+* Classification writes ``predictions.csv``: one row per image with the class probabilities
+  (``prob_<class name>``) and the predicted class (multi-label: the labels with probability >= 0.5).
+* Segmentation writes one mask per image on the input's own grid: the logits are taken back
+  through the chain's geometry (``Compose.inverse``: size, spacing, orientation) before the argmax.
+  NIfTI inputs get a NIfTI mask with the source header (affine, qform/sform codes); other volumes
+  (DICOM series, MHA/NRRD) a NIfTI with the RAS affine the reader gave; 2D pictures and 2D DICOM a
+  PNG with the picture's rows and columns.
 
-A file that cannot be used (unreadable, wrong dimensionality or channel count for the model) gets
-one error line and is listed in ``errors.csv``; the other files still get their predictions.
+A DICOM series (a folder of slices, or several series in one folder) is one input volume, as in
+training. A file that cannot be used gets one error line and is listed in ``errors.csv``; the
+other inputs still get their predictions.
 """
 
 from __future__ import annotations
@@ -23,11 +26,10 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Iterable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from medmim.config import Config, load_config
 from medmim.errors import DataError, MedmimError
@@ -36,7 +38,7 @@ from medmim.io import atomic_path
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr", ".png", ".jpg", ".jpeg", ".bmp",
                   ".tif", ".tiff", ".dcm", ".npy")
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
-PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
 
 
 def _suffix(path: Path) -> str:
@@ -52,62 +54,100 @@ def _stem(path: Path) -> str:
     return path.name[: -len(s)] if s and path.name.lower().endswith(s) else path.stem
 
 
-def collect_inputs(paths: Iterable[str | Path]) -> list[Path]:
-    """Files as given (any suffix: a bad one fails for that file only), folders searched
-    recursively for image suffixes, in sorted order without duplicates."""
-    out: list[Path] = []
+@dataclass(frozen=True)
+class Input:
+    """One model input: a file, or a DICOM series (``path`` = its folder, ``series_id`` = its UID)."""
+
+    path: Path
+    series_id: str | None = None
+
+    def record(self) -> dict:
+        """The record the deterministic chain reads (the same keys a manifest row has)."""
+        rec = {"image": str(self.path)}
+        if self.series_id:
+            rec["series_id"] = self.series_id
+        return rec
+
+    @property
+    def name(self) -> str:
+        return self.path.name if not self.series_id else f"{self.path.name}_{self.series_id[-8:]}"
+
+
+def _looks_dicom(path: Path) -> bool:
+    from medmim.data.readers import _is_dicom
+
+    return _suffix(path) in DICOM_SUFFIXES or (path.suffix == "" and _is_dicom(path))
+
+
+def collect_inputs(paths: Iterable[str | Path]) -> list[Input]:
+    """Files as given (any suffix: a bad one fails for that file only); folders searched
+    recursively: picture/volume files one input each, DICOM files grouped into series (one input
+    per series). Sorted, without duplicates."""
+    from medmim.data.dicom import scan_folder
+
+    out: list[Input] = []
     for p in paths:
         p = Path(p)
-        if p.is_dir():
-            out += sorted(q for q in p.rglob("*") if q.is_file() and _suffix(q) in IMAGE_SUFFIXES
-                          and not q.name.startswith("."))
-        else:
-            out.append(p)
+        if not p.is_dir():
+            out.append(Input(p))
+            continue
+        files = sorted(q for q in p.rglob("*") if q.is_file() and not q.name.startswith("."))
+        dicom = [q for q in files if _looks_dicom(q)]
+        out += [Input(q) for q in files if q not in set(dicom) and _suffix(q) in IMAGE_SUFFIXES]
+        if dicom:
+            skipped: list[dict] = []
+            series = scan_folder(p, salt="", skipped=skipped, files=dicom)
+            out += [Input(info.folder, uid) for uid, info in sorted(series.items(), key=lambda kv: str(kv[1].folder))]
     seen, unique = set(), []
-    for p in out:
-        key = str(p.resolve()) if p.exists() else str(p)
+    for inp in out:
+        key = (str(inp.path.resolve()) if inp.path.exists() else str(inp.path), inp.series_id)
         if key not in seen:
             seen.add(key)
-            unique.append(p)
+            unique.append(inp)
     return unique
 
 
-def find_run(run_dir: str | Path) -> tuple[Path, Config, str | None]:
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def find_run(run_dir: str | Path) -> tuple[Path, Config, str]:
     """``(checkpoint, config, preset)`` of a fine-tuning run directory (``runs/<name>/finetune``,
-    ``runs/<name>/segment``, a study cell, or ``runs/<name>`` itself)."""
+    ``runs/<name>/segment``, a study cell, or ``runs/<name>`` itself). The config is the nearest
+    ``config.yaml`` at or above the stage folder; the intensity preset the nearest
+    ``environment.json`` that records one (``data.preset``), as the training run wrote it."""
     run_dir = Path(run_dir)
+    if not run_dir.exists():
+        raise MedmimError(f"{run_dir}: run directory not found")
     cands = [run_dir, run_dir / "finetune", run_dir / "segment"]
     ckpt = next((c / "checkpoints" / "best.pt" for c in cands if (c / "checkpoints" / "best.pt").exists()), None)
     if ckpt is None:
         raise MedmimError(f"{run_dir}: no fine-tuned model here (looked for checkpoints/best.pt in "
                           f"{', '.join(str(c) for c in cands)})")
     stage_dir = ckpt.parent.parent
-    cfg_file = next((d / "config.yaml" for d in (stage_dir, stage_dir.parent, stage_dir.parent.parent)
-                     if (d / "config.yaml").exists()), None)
+    ups = (stage_dir, stage_dir.parent, stage_dir.parent.parent)
+    cfg_file = next((d / "config.yaml" for d in ups if (d / "config.yaml").exists()), None)
     if cfg_file is None:
         raise MedmimError(f"{stage_dir}: no config.yaml in the run directory or above it")
     cfg = load_config(cfg_file)
-    preset = None
-    env = cfg_file.parent / "environment.json"
-    if env.exists():
-        try:
-            preset = json.loads(env.read_text()).get("data", {}).get("preset")
-        except (ValueError, AttributeError):
-            preset = None
-    return ckpt, cfg, preset
+    preset = next((p for d in ups if (p := (_read_json(d / "environment.json").get("data") or {}).get("preset"))),
+                  None)
+    if not preset:
+        raise MedmimError(f"{stage_dir}: the run records no intensity preset (environment.json: data.preset), "
+                          "so its preprocessing cannot be replayed; re-run its fine-tuning with this medmim")
+    return ckpt, cfg, str(preset)
 
 
-def default_preset(cfg: Config) -> str:
-    from medmim.data.presets import DEFAULT_FOR_MODALITY
-
-    dc = cfg.data
-    if dc.preset:
-        return dc.preset
-    if dc.source == "phantoms":
-        return "uint8" if dc.spatial_dims == 2 else "ct_soft_tissue"
-    if dc.source == "medmnist":
-        return "uint8"
-    return DEFAULT_FOR_MODALITY.get(dc.modality, "xray")
+def class_names(cfg: Config) -> list[str]:
+    """Names of the classes: ``data.class_names`` when the config has them, else "0", "1", ..."""
+    k = cfg.data.num_classes
+    names = getattr(cfg.data, "class_names", None)
+    if names and len(names) == k:
+        return [str(n) for n in names]
+    return [str(c) for c in range(k)]
 
 
 @dataclass
@@ -122,9 +162,11 @@ class PredictResult:
 
 
 class Predictor:
-    """A fine-tuned classifier or segmenter with the preprocessing of its training run."""
+    """A fine-tuned classifier or segmenter with the deterministic chain of its training run."""
 
     def __init__(self, model: torch.nn.Module, cfg: Config, preset: str, device: str | torch.device = "cpu"):
+        from medmim.data.dataset import deterministic_transforms
+
         self.cfg = cfg
         self.head = cfg.finetune.head
         self.spatial_dims = cfg.data.spatial_dims
@@ -133,17 +175,11 @@ class Predictor:
         patch = cfg.finetune.seg_patch_size
         self.roi = (patch,) * self.spatial_dims if patch and patch < cfg.data.image_size else self.image_size
         self.preset = preset
-        # MedMNIST arrays are (row, column); MONAI reads picture files as (x, y) = (column, row).
-        # A model trained on npz arrays gets pictures in the npz layout.
-        self.rowcol_pictures = cfg.data.source == "medmnist"
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
-        from monai import transforms as mt
-
-        from medmim.data.presets import intensity_transform
-
-        self._loader = mt.LoadImage(image_only=False, ensure_channel_first=False)
-        self._intensity = intensity_transform(preset, keys=["image"])
+        self.chain = deterministic_transforms(cfg.data, preset, with_mask=False, track_meta=True)
+        native = cfg.data.model_copy(update={"resize": "none"})
+        self.native_chain = deterministic_transforms(native, preset, with_mask=False, track_meta=True)
 
     @classmethod
     def from_run(cls, run_dir: str | Path, device: str = "cpu") -> "Predictor":
@@ -169,116 +205,83 @@ class Predictor:
         if missing or unexpected:
             raise MedmimError(f"{ckpt_path}: checkpoint does not fit the model of its config "
                               f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-        return cls(model, cfg, preset or default_preset(cfg), device)
+        return cls(model, cfg, preset, device)
 
-    # ---- reading ---------------------------------------------------------------------------------
-    def read(self, path: Path) -> tuple[torch.Tensor, dict[str, Any]]:
-        """``(image (C, *spatial) float after the intensity preset, meta)``; DataError when the file
-        is unreadable or does not fit the model."""
-        if not path.exists():
-            raise DataError("file not found")
+    # ---- reading: the run's own chain ------------------------------------------------------------
+    def read(self, inp: Input | str | Path, native: bool = False):
+        """The model input ``(C, *spatial)`` (a MetaTensor that remembers the chain's geometry) for
+        one input; DataError naming the file and the reason when it cannot be used."""
+        from medmim.data.dataset import describe_failure
+
+        inp = inp if isinstance(inp, Input) else Input(Path(inp))
+        rec = inp.record()
+        if not inp.path.exists():
+            raise DataError(f"{inp.path}: file not found")
         try:
-            if _suffix(path) == ".npy":
-                arr, meta = torch.as_tensor(np.load(path, allow_pickle=False)), {}
-            else:
-                arr, meta = self._loader(str(path))
-                meta = dict(getattr(arr, "meta", {}) or meta or {})
-                arr = torch.as_tensor(np.asarray(arr))
-        except Exception as exc:  # noqa: BLE001 - readers raise many types
-            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise DataError(f"not a readable image ({reason[:200]})") from None
-        d, c = self.spatial_dims, self.in_channels
-        shape = tuple(arr.shape)
-        if arr.ndim == d:
-            arr = arr.unsqueeze(0)
-        elif arr.ndim == d + 1 and d == 2 and arr.shape[-1] in (3, 4) and c == 1:
-            arr = arr[..., :3].float().mean(-1, keepdim=True).movedim(-1, 0)  # RGB picture -> gray, as in training
-        elif arr.ndim == d + 1:
-            arr = arr.movedim(-1, 0)  # NIfTI / ITK keep channels (or time) last
-        else:
-            raise DataError(f"expected a {d}D image for this {d}D model, got an array of shape {shape}")
-        if arr.shape[0] != c:
-            raise DataError(f"the model takes {c} channel(s), this image has {arr.shape[0]} (array shape {shape})")
-        arr = arr.float()
-        meta["rowcol"] = False
-        if self.rowcol_pictures and d == 2 and _suffix(path) in PICTURE_SUFFIXES:
-            arr = arr.transpose(1, 2)
-            meta["rowcol"] = True
-        if not torch.isfinite(arr).all():
-            raise DataError("image holds NaN or Inf values")
-        arr = torch.as_tensor(np.asarray(self._intensity({"image": arr})["image"]), dtype=torch.float32)
-        return arr, meta
-
-    def _resize(self, x: torch.Tensor, size, image: bool = True) -> torch.Tensor:
-        if tuple(x.shape[2:]) == tuple(size):
-            return x
-        if image and self.spatial_dims == 2:
-            return F.interpolate(x, size=size, mode="area")
-        return F.interpolate(x, size=size, mode="bilinear" if self.spatial_dims == 2 else "trilinear",
-                             align_corners=False)
+            image = (self.native_chain if native else self.chain)(rec)["image"]
+        except Exception as exc:  # noqa: BLE001 - reader and transform errors, reported per file
+            info = describe_failure(rec, exc)
+            raise DataError(f"{info['file']}: {info['reason']}") from None
+        if image.shape[0] != self.in_channels:
+            raise DataError(f"{inp.path}: the model takes {self.in_channels} channel(s), this image has "
+                            f"{image.shape[0]}")
+        return image
 
     # ---- inference -------------------------------------------------------------------------------
     @torch.no_grad()
     def classify(self, image: torch.Tensor) -> np.ndarray:
-        x = self._resize(image[None].to(self.device), self.image_size)
+        x = torch.as_tensor(image).as_subclass(torch.Tensor)[None].float().to(self.device)
         logits = self.model(x).float()
         probs = torch.sigmoid(logits) if self.cfg.finetune.multilabel else logits.softmax(1)
         return probs[0].cpu().numpy()
 
     @torch.no_grad()
-    def segment(self, image: torch.Tensor, native: bool = False) -> np.ndarray:
-        """Integer label map on the image's own grid ``(*spatial)``."""
+    def segment(self, image, native: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        """``(labels, affine)``: the integer label map on the input's own grid (the reader's voxel
+        order, before orientation, spacing and resizing) and that grid's affine (None for 2D)."""
+        from monai.data import MetaTensor
+
         from medmim.train.segment import sliding_window_logits
 
-        x = image[None].to(self.device)
-        size = tuple(x.shape[2:])
-        if native:
-            logits = sliding_window_logits(self.model, x, self.roi if size != self.roi else None,
-                                           self.cfg.finetune.sw_overlap)
-        else:
-            xr = self._resize(x, self.image_size)
-            roi = self.roi if self.roi != self.image_size else None
-            logits = sliding_window_logits(self.model, xr, roi, self.cfg.finetune.sw_overlap)
-            logits = self._resize(logits.float(), size, image=False)
-        return logits.argmax(1)[0].cpu().numpy().astype(np.uint8)
+        x = image.as_tensor()[None].float().to(self.device)
+        roi = self.roi if tuple(x.shape[2:]) != self.roi else None
+        logits = sliding_window_logits(self.model, x, roi, self.cfg.finetune.sw_overlap)[0].float().cpu()
+        # back through the chain's geometry: the logits carry the image's meta and applied operations
+        back = MetaTensor(logits, meta=dict(image.meta), applied_operations=list(image.applied_operations))
+        chain = self.native_chain if native else self.chain
+        inv = chain.inverse({"image": back})["image"] if back.applied_operations else back
+        affine = np.asarray(inv.affine, dtype=np.float64) if self.spatial_dims == 3 else None
+        return inv.as_tensor().argmax(0).numpy().astype(np.uint8), affine
 
 
 # ---- writing ---------------------------------------------------------------------------------------
 
-def write_mask(mask: np.ndarray, source: Path, meta: dict, out_path: Path) -> Path:
-    """Write ``mask`` (on the source image's voxel grid, as read by MONAI) next to its geometry.
+def write_mask(mask: np.ndarray, source: Path, affine: np.ndarray | None, out_path: Path) -> Path:
+    """Write ``mask`` (on the source's grid as the reader returned it) with the source's geometry.
 
     NIfTI source: the source header (affine, qform/sform codes, units) is copied. Other volumes:
-    MONAI's affine (RAS world coordinates) is used. PNG/JPEG source: a PNG with the same pixels.
+    the RAS affine the reader gave. 2D sources other than NIfTI: a PNG with the same pixels.
     """
     import nibabel as nib
 
-    suffix = _suffix(source)
-    if suffix in PICTURE_SUFFIXES and mask.ndim == 2:
+    if mask.ndim == 2 and _suffix(source) not in NIFTI_SUFFIXES:
         from PIL import Image
 
         out_path = out_path.with_name(out_path.name.replace(".nii.gz", ".png"))
         with atomic_path(out_path) as tmp:
-            # MONAI's PIL reader indexes (x, y); a picture is stored (row, column)
-            rows_cols = mask if meta.get("rowcol") else mask.T
-            Image.fromarray(np.ascontiguousarray(rows_cols)).save(tmp, format="PNG")
+            Image.fromarray(np.ascontiguousarray(mask)).save(tmp, format="PNG")
         return out_path
-    if suffix in NIFTI_SUFFIXES:
+    if _suffix(source) in NIFTI_SUFFIXES:
         src = nib.load(str(source))
         if tuple(src.shape[: mask.ndim]) != tuple(mask.shape):
-            raise DataError(f"internal: mask shape {mask.shape} != image shape {src.shape}")
+            raise DataError(f"{source}: internal: mask shape {mask.shape} != image shape {src.shape}")
         header = src.header.copy()
         header.set_data_dtype(np.uint8)
         img = nib.Nifti1Image(mask, src.affine, header)
         img.set_qform(src.get_qform(), code=int(src.header["qform_code"]))
         img.set_sform(src.get_sform(), code=int(src.header["sform_code"]))
     else:
-        affine = meta.get("original_affine", meta.get("affine"))
         affine = np.asarray(affine, dtype=np.float64) if affine is not None else np.eye(4)
-        if affine.shape != (4, 4):  # 2D affines (3x3) -> 4x4
-            full = np.eye(4)
-            full[:2, :2], full[:2, 3] = affine[:2, :2], affine[:2, 2]
-            affine = full
         img = nib.Nifti1Image(mask, affine)
         img.set_qform(affine, code=1)
         img.set_sform(affine, code=1)
@@ -306,34 +309,37 @@ def _unique(path: Path, used: set[str]) -> Path:
 
 def predict(run_dir: str | Path, inputs: Iterable[str | Path], out_dir: str | Path, *, native: bool = False,
             device: str = "cpu", progress: bool = True, err=None, predictor: Predictor | None = None) -> PredictResult:
-    """Predict every input file; one error line per unusable file, the others go on."""
+    """Predict every input; one error line per unusable input, the others go on."""
     err = err or sys.stderr
     pred = predictor or Predictor.from_run(run_dir, device=device)
-    files = collect_inputs(inputs)
-    if not files:
-        raise MedmimError("no input images (give files, or folders holding " + ", ".join(IMAGE_SUFFIXES) + ")")
+    items = collect_inputs(inputs)
+    if not items:
+        raise MedmimError("no input images (give files, DICOM series folders, or folders holding "
+                          + ", ".join(IMAGE_SUFFIXES) + ")")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     result = PredictResult()
     rows: list[dict] = []
     used: set[str] = set()
-    k = pred.cfg.data.num_classes
+    names = class_names(pred.cfg)
 
-    def run_one(path: Path) -> None:
-        image, meta = pred.read(path)
+    def run_one(inp: Input) -> None:
+        image = pred.read(inp, native=native and pred.head == "segment")
         if pred.head == "segment":
-            mask = pred.segment(image, native=native)
-            out = _unique(out_dir / f"{_stem(path)}_seg.nii.gz", used)
-            result.outputs.append(str(write_mask(mask, path, meta, out)))
+            mask, affine = pred.segment(image, native=native)
+            source = inp.path if not inp.path.is_dir() else inp.path / "series"
+            out = _unique(out_dir / f"{_stem(source) if not inp.series_id else inp.name}_seg.nii.gz", used)
+            result.outputs.append(str(write_mask(mask, source, affine, out)))
         else:
             probs = pred.classify(image)
-            row = {"file": str(path), **{f"prob_{c}": f"{probs[c]:.6f}" for c in range(len(probs))}}
+            row = {"file": str(inp.path), "series_id": inp.series_id or "",
+                   **{f"prob_{n}": f"{probs[c]:.6f}" for c, n in enumerate(names[: len(probs)])}}
             if pred.cfg.finetune.multilabel:
-                row["predicted"] = ";".join(str(c) for c in range(len(probs)) if probs[c] >= 0.5)
+                row["predicted"] = ";".join(names[c] for c in range(len(probs)) if probs[c] >= 0.5)
             else:
-                row["predicted"] = int(np.argmax(probs))
+                row["predicted"] = names[int(np.argmax(probs))]
             rows.append(row)
-            result.outputs.append(str(path))
+            result.outputs.append(str(inp.path))
 
     bar = None
     if progress:
@@ -344,14 +350,17 @@ def predict(run_dir: str | Path, inputs: Iterable[str | Path], out_dir: str | Pa
                        console=Console(file=err), transient=False)
     ctx = bar if bar is not None else _Null()
     with ctx:
-        task = bar.add_task("predict", total=len(files)) if bar is not None else None
-        for path in files:
+        task = bar.add_task("predict", total=len(items)) if bar is not None else None
+        for inp in items:
             try:
-                run_one(path)
+                run_one(inp)
             except (MedmimError, RuntimeError, ValueError, OSError) as exc:
                 reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-                result.failures.append({"file": str(path), "reason": reason})
-                line = f"medmim predict: {path}: {reason}"
+                prefix = f"{inp.path}: "
+                reason = reason[len(prefix):] if reason.startswith(prefix) else reason
+                where = str(inp.path) + (f" (series {inp.series_id[-12:]})" if inp.series_id else "")
+                result.failures.append({"file": where, "reason": reason})
+                line = f"medmim predict: {where}: {reason}"
                 if bar is not None:
                     bar.console.print(line, markup=False, highlight=False, soft_wrap=True)
                 else:
@@ -359,7 +368,8 @@ def predict(run_dir: str | Path, inputs: Iterable[str | Path], out_dir: str | Pa
             if bar is not None:
                 bar.advance(task)
     if pred.head != "segment":
-        cols = ["file"] + [f"prob_{c}" for c in range(k)] + ["predicted"]
+        cols = ["file"] + (["series_id"] if any(r["series_id"] for r in rows) else []) \
+            + [f"prob_{n}" for n in names] + ["predicted"]
         result.table = out_dir / "predictions.csv"
         _write_csv(result.table, rows, cols)
     if result.failures:

@@ -101,23 +101,43 @@ def test_png_mask_roundtrip(tmp_path):
     np.testing.assert_array_equal(out, (pic > 0).astype(np.uint8))
 
 
-def test_pictures_follow_the_training_layout(tmp_path):
-    """Pictures reach a MedMNIST-trained model as (row, column), like the npz arrays it trained on;
-    a model trained on picture files gets them as MONAI reads files; masks land on the picture either way."""
+def test_pictures_reach_the_model_as_rows_and_columns(tmp_path):
+    """A non-square picture reaches the model as (rows, columns), the layout PIL (an independent
+    reader) gives, whatever the training source was; the mask lands on the picture."""
     from PIL import Image
 
     pic = np.zeros((20, 28), np.uint8)
     pic[3:8, 10:21] = 255
     Image.fromarray(pic).save(tmp_path / "xray.png")
-    cfg = load_config(None, ["data.source=medmnist", "data.path=x.npz", "data.image_size=16",
-                             "finetune.head=segment"])
-    npz_model = Predictor(Thresholder(), cfg, preset="uint8")
-    image, _ = npz_model.read(tmp_path / "xray.png")
-    np.testing.assert_array_equal(image[0].numpy(), pic / 255.0)
-    file_model = seg_predictor(2)
-    assert file_model.read(tmp_path / "xray.png")[0].shape == (1, 28, 20)
-    res = predict(None, [tmp_path / "xray.png"], tmp_path / "out", native=True, predictor=npz_model, progress=False)
-    np.testing.assert_array_equal(np.array(Image.open(res.outputs[0])), (pic > 0).astype(np.uint8))
+    reference = np.asarray(Image.open(tmp_path / "xray.png"), dtype=np.float32) / 255.0  # (20, 28)
+    for source in (["data.source=medmnist", "data.path=x.npz"], []):
+        cfg = load_config(None, [*source, "data.image_size=28", "data.resize=none", "finetune.head=segment"])
+        model = Predictor(Thresholder(), cfg, preset="uint8")
+        image = model.read(tmp_path / "xray.png")
+        assert tuple(image.shape) == (1, 20, 28)
+        np.testing.assert_array_equal(image[0].numpy(), reference)
+        res = predict(None, [tmp_path / "xray.png"], tmp_path / "out", native=True, predictor=model, progress=False)
+        np.testing.assert_array_equal(np.array(Image.open(res.outputs[0])), (pic > 0).astype(np.uint8))
+
+
+def test_padded_picture_keeps_its_aspect_and_mask_returns_to_source_grid(tmp_path):
+    """Default (resize=pad) on a 20x28 picture: the model input is the training-size square with the
+    picture scaled by its longest side and padded (not stretched); the mask comes back at 20x28."""
+    from PIL import Image
+
+    pic = np.zeros((20, 28), np.uint8)
+    pic[4:16, 6:22] = 255
+    Image.fromarray(pic).save(tmp_path / "wide.png")
+    model = seg_predictor(2, image_size=14)
+    image = model.read(tmp_path / "wide.png")
+    assert tuple(image.shape) == (1, 14, 14)
+    rows_with_signal = np.where(image[0].numpy().max(1) > 0)[0]
+    assert rows_with_signal.min() >= 2 and rows_with_signal.max() <= 11  # picture occupies rows 2..11 only
+    res = predict(None, [tmp_path / "wide.png"], tmp_path / "out", predictor=model, progress=False)
+    mask = np.array(Image.open(res.outputs[0]))
+    assert mask.shape == (20, 28)
+    truth = pic > 0
+    assert 2 * (mask.astype(bool) & truth).sum() / (mask.astype(bool).sum() + truth.sum()) > 0.9
 
 
 def test_predict_goes_on_past_bad_files(tmp_path):
@@ -133,9 +153,9 @@ def test_predict_goes_on_past_bad_files(tmp_path):
     assert len(res.outputs) == 2
     reasons = {f["file"].split("/")[-1]: f["reason"] for f in res.failures}
     assert set(reasons) == {"corrupt.nii.gz", "slice.nii.gz", "missing.nii.gz", "twochannel.nii.gz"}
-    assert "not a readable image" in reasons["corrupt.nii.gz"]
+    assert "unreadable or truncated image" in reasons["corrupt.nii.gz"]
     assert "expected a 3D image" in reasons["slice.nii.gz"]
-    assert "1 channel(s)" in reasons["twochannel.nii.gz"] and "has 2" in reasons["twochannel.nii.gz"]
+    assert "expected a 3D image" in reasons["twochannel.nii.gz"] and "(16, 16, 16, 2)" in reasons["twochannel.nii.gz"]
     assert "not found" in reasons["missing.nii.gz"]
     lines = err.getvalue().strip().splitlines()
     assert len(lines) == 4 and all(line.startswith("medmim predict: ") for line in lines)
@@ -156,6 +176,7 @@ def test_classification_predict_cli(tmp_path, capsys):
     run = tmp_path / "runs" / "clf"
     (run / "finetune" / "checkpoints").mkdir(parents=True)
     (run / "config.yaml").write_text(dump_config(cfg))
+    (run / "environment.json").write_text('{"data": {"preset": "uint8"}}')  # as finetune records it
     model = Classifier(encoder_from_config(cfg.encoder, 2, 16), 3, mode="linear")
     save_checkpoint({"model": model.state_dict(), "epoch": 0}, run / "finetune" / "checkpoints" / "best.pt")
     images = tmp_path / "images"

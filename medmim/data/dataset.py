@@ -173,7 +173,7 @@ class LoadRecordd(mt.MapTransform):
         for key in self.key_iterator(d):
             value = d[key]
             where = str(value) if isinstance(value, (str, Path)) else f"<array {key}>"
-            arr = read_image(value, series_id=extra["series_id"] or None, frame=frame)
+            arr = read_image(value, series_id=extra["series_id"] or None, frame=frame, key=key)
             arr = channel_first(arr, self.spatial_dims, key, where)
             validate(arr, key, where)
             d[key] = arr.float()
@@ -203,16 +203,20 @@ class DeterministicChain(mt.Compose):
         return super().__call__(data, *args, **kwargs)
 
 
-def deterministic_transforms(dc: DataConfig, preset: str, with_mask: bool, fast: bool = True) -> DeterministicChain:
-    """File -> tensor for every caller (training, evaluation, prediction, anomaly scoring)."""
+def deterministic_transforms(dc: DataConfig, preset: str, with_mask: bool, fast: bool = True,
+                             track_meta: bool = False) -> DeterministicChain:
+    """File -> tensor for every caller (training, evaluation, prediction, anomaly scoring).
+    ``track_meta=True`` (MONAI path only) keeps MetaTensors with their applied operations, so that
+    ``chain.inverse`` can take a prediction back to the source grid (medmim.predict)."""
     keys = ["image", "mask"] if with_mask else ["image"]
     chain = [
         LoadRecordd(keys, dc.spatial_dims),
         *preset_transforms(preset, keys, spatial_dims=dc.spatial_dims, image_size=dc.image_size,
                            resize=dc.resize, orientation=dc.orientation, target_spacing=dc.target_spacing),
-        mt.EnsureTyped(keys, data_type="tensor", track_meta=False),
+        mt.EnsureTyped(keys, data_type="tensor", track_meta=track_meta),
     ]
-    fast_path = FastChain2D(preset, keys, dc.image_size, dc.resize) if (fast and dc.spatial_dims == 2) else None
+    use_fast = fast and dc.spatial_dims == 2 and not track_meta
+    fast_path = FastChain2D(preset, keys, dc.image_size, dc.resize) if use_fast else None
     return DeterministicChain(chain, fast=fast_path)
 
 

@@ -201,6 +201,9 @@ def _slices_of(path: Path, ds) -> list[Slice]:
         pos, ori, sp = _frame_geometry(ds, f)
         ori = ori if ori is not None else base_ori
         sp = sp if sp is not None else (base_sp if base_sp is not None else np.ones(2))
+        if pos is None and ori is None and base_pos is None:
+            raise DataError(f"{path}: multi-frame image without any plane position or orientation (per-frame, "
+                            "shared or top-level): its voxel geometry is undefined, refused rather than guessed")
         if pos is None:  # legacy multi-frame without per-frame positions: frames along the normal
             o = ori if ori is not None else np.array([1.0, 0, 0, 0, 1, 0])
             origin = base_pos if base_pos is not None else np.zeros(3)
@@ -208,6 +211,42 @@ def _slices_of(path: Path, ds) -> list[Slice]:
             ori = o
         out.append(Slice(path, f, pos, ori, (float(sp[0]), float(sp[1])), (*time_key, f), rows, cols))
     return out
+
+
+def grey_from_rgb(rgb: np.ndarray) -> np.ndarray:
+    """Grey levels of an RGB array ``(..., 3)``: for 8-bit data exactly PIL's ``convert("L")``
+    (ITU-R 601-2 luma, L = (19595 R + 38470 G + 7471 B + 2**15) >> 16); other depths the same
+    weights in floating point."""
+    if rgb.dtype == np.uint8:
+        r, g, b = (rgb[..., i].astype(np.uint32) for i in range(3))
+        return ((r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16).astype(np.uint8)
+    return rgb.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+
+
+def rescale_of(ds, frame: int | None = None) -> tuple[float, float]:
+    """(slope, intercept) of one frame: the per-frame PixelValueTransformationSequence, else the
+    shared functional groups' one (enhanced CT/MR keep it there), else the top-level
+    RescaleSlope/RescaleIntercept, else (1, 0)."""
+    slope = _num(ds.get("RescaleSlope"), 1.0) or 1.0
+    inter = _num(ds.get("RescaleIntercept"), 0.0)
+    groups = []
+    shared = ds.get("SharedFunctionalGroupsSequence")
+    if shared:
+        groups.append(shared[0])
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    if per_frame and frame is None and len(per_frame) == 1:
+        frame = 0
+    if per_frame and frame is not None and frame < len(per_frame):
+        groups.append(per_frame[frame])
+    for item in groups:  # later (per-frame) entries win
+        seq = item.get("PixelValueTransformationSequence")
+        if seq:
+            t = seq[0]
+            if t.get("RescaleSlope") is not None:
+                slope = _num(t.get("RescaleSlope"), slope) or slope
+            if t.get("RescaleIntercept") is not None:
+                inter = _num(t.get("RescaleIntercept"), inter)
+    return slope, inter
 
 
 def _pixels(ds, frame: int | None, path: Path) -> np.ndarray:
@@ -218,21 +257,14 @@ def _pixels(ds, frame: int | None, path: Path) -> np.ndarray:
                         f"{str(exc).splitlines()[0][:120] if str(exc) else ''})") from None
     if frame is not None:
         arr = arr[frame]
-    if arr.ndim == 3 and arr.shape[-1] in (3, 4):  # colour (ultrasound, photos): luminance
-        arr = arr[..., :3].astype(np.float32).mean(-1)
+    if arr.ndim == 3 and arr.shape[-1] in (3, 4):  # colour (ultrasound, photos): grey as PIL convert("L")
+        arr = grey_from_rgb(arr[..., :3])
     if arr.ndim != 2:
         raise DataError(f"{path}: unexpected pixel array shape {arr.shape}")
+    slope, inter = rescale_of(ds, frame)
+    if slope != 1.0 or inter != 0.0:  # float64 arithmetic, like SimpleITK / GDCM, then float32
+        arr = arr.astype(np.float64) * slope + inter
     arr = arr.astype(np.float32)
-    slope = _num(ds.get("RescaleSlope"), 1.0) or 1.0
-    inter = _num(ds.get("RescaleIntercept"), 0.0)
-    if frame is not None and ds.get("PerFrameFunctionalGroupsSequence"):
-        item = ds.PerFrameFunctionalGroupsSequence[frame]
-        if item.get("PixelValueTransformationSequence"):
-            t = item.PixelValueTransformationSequence[0]
-            slope = _num(t.get("RescaleSlope"), slope) or slope
-            inter = _num(t.get("RescaleIntercept"), inter)
-    if slope != 1.0 or inter != 0.0:
-        arr = arr * slope + inter
     if str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
         arr = (arr.max() + arr.min()) - arr  # bright = dense, like MONOCHROME2
     return arr

@@ -145,7 +145,7 @@ class FastChain2D:
         self.image_size, self.resize_mode = image_size, resize_mode
 
     @staticmethod
-    def _read(value) -> tuple[np.ndarray, str, bool] | None:
+    def _read(value, key: str = "image") -> tuple[np.ndarray, str, bool] | None:
         """(array as read, where, from a picture file) or None when this path does not read it."""
         if isinstance(value, np.ndarray):
             return value, "", False
@@ -163,11 +163,10 @@ class FastChain2D:
                 return None
         if Path(text).suffix.lower() not in _RASTER:
             return None
-        try:
-            from PIL import Image
+        try:  # the one picture reader (grey as PIL convert("L")), shared with the MONAI path
+            from medmim.data.readers import read_picture
 
-            with Image.open(text) as im:
-                arr = np.asarray(im)
+            arr = read_picture(text, key)
         except Exception:  # noqa: BLE001 - unreadable here: the MONAI path gives the reason
             return None
         if arr.dtype == object or arr.size == 0 or arr.dtype.kind not in "biuf":
@@ -193,7 +192,7 @@ class FastChain2D:
         for key in self.keys:
             if key not in data:
                 continue
-            got = self._read(data[key])
+            got = self._read(data[key], key)
             if got is None:
                 return None
             arr, where, from_file = got

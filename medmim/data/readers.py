@@ -3,10 +3,18 @@
 Array conventions (images and masks always read the same way):
 
 * 2D raster images (PNG/JPEG/BMP/TIFF, single DICOM images, MedMNIST arrays): ``(H, W)`` as
-  displayed, row 0 at the top. PNGs go through MONAI's ``PILReader(reverse_indexing=False)``; the
-  MONAI default (``reverse_indexing=True``) would give ``(W, H)`` and disagree with numpy/npz data.
+  displayed, row 0 at the top (numpy/PIL order; MONAI's default picture reader would give
+  ``(W, H)`` and disagree with npz data). Colour pictures (RGB, RGBA, CMYK, palette "P", LA, 1-bit)
+  become grey exactly as PIL's ``Image.convert("L")`` computes it; 16-bit and float pictures keep
+  their values.
 * 3D volumes (NIfTI, MHA/NRRD, DICOM series): ``(x, y, z)`` voxels with a RAS+ affine in the
-  MetaTensor (MONAI's convention), so ``Orientationd``/``Spacingd`` work on every source.
+  MetaTensor (MONAI's convention), so ``Orientationd``/``Spacingd`` work on every source. NIfTI
+  keeps the file's voxel order (the chain's ``Orientationd`` reorients it); DICOM series arrive in
+  the closest canonical RAS order.
+
+NIfTI affine policy (nibabel's, ``header.get_best_affine()``): the sform when ``sform_code > 0``,
+else the qform when ``qform_code > 0``, else the voxel sizes alone. When both codes are set and the
+two matrices disagree by more than 1e-3 (mm or direction cosine), a warning names the file.
 
 References: a file path; a folder (a DICOM series; ``series_id`` picks one when it holds several);
 ``file.npz#train_images/12`` (an entry of a MedMNIST npz); or an in-memory numpy array.
@@ -15,7 +23,9 @@ References: a file path; a folder (a DICOM series; ``series_id`` picks one when 
 from __future__ import annotations
 
 import functools
+import logging
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -24,9 +34,19 @@ from monai.data import MetaTensor
 
 from medmim.errors import DataError
 
+log = logging.getLogger("medmim.data")
+
 RASTER = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 NIFTI = (".nii", ".nii.gz")
 SITK = {".mha", ".mhd", ".nrrd", ".nhdr"}
+GREY_MODES = {"L", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
+AFFINE_TOL = 1e-3
+
+
+class NiftiAffineWarning(UserWarning):
+    """A NIfTI file whose sform and qform disagree (medmim uses the sform, as nibabel does)."""
+
+
 NPZ_REF = re.compile(r"^(?P<file>.+\.npz)#(?P<key>[A-Za-z0-9_]+)/(?P<index>\d+)$")
 
 
@@ -71,6 +91,77 @@ def _is_dicom(path: Path) -> bool:
         return False
 
 
+def read_picture(path: str | Path, key: str = "image") -> np.ndarray:
+    """A picture file (PNG/JPEG/BMP/TIFF) as a numpy array ``(H, W)``, row 0 at the top.
+
+    Images: colour modes (RGB, RGBA, CMYK, palette P/PA, LA, 1-bit, YCbCr, ...) become grey exactly
+    as PIL's ``convert("L")`` computes it; grey modes (L, I;16, I, F) keep their values (uint16 as
+    int32). Masks (``key != "image"``) keep the stored values: palette indices are the labels, and
+    a colour mask keeps its channels (the checks take the first one).
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    try:
+        with Image.open(path) as img:
+            img.load()
+            mode = img.mode
+            if mode in GREY_MODES or key != "image":
+                arr = np.array(img)
+            else:
+                arr = np.array(img.convert("L"))
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        msg = str(exc).strip().splitlines()[0][:150] if str(exc).strip() else ""
+        raise DataError(f"{path}: unreadable or truncated image ({type(exc).__name__}: {msg})") from None
+    if arr.ndim != 2 and not (key != "image" and arr.ndim == 3):
+        raise DataError(f"{path}: unexpected picture layout {arr.shape} (PIL mode {mode})")
+    if arr.dtype == bool:
+        arr = arr.astype(np.uint8)
+    if arr.dtype == np.uint16 or arr.dtype.byteorder not in ("=", "|"):
+        arr = arr.astype(np.int32)  # torch has no uint16 arithmetic; big-endian to native
+    return np.ascontiguousarray(arr)
+
+
+def nifti_affine(img, name: str = "") -> np.ndarray:
+    """The affine medmim uses for a NIfTI image: nibabel's ``get_best_affine`` (sform if
+    sform_code > 0, else qform if qform_code > 0, else voxel sizes). Warns, naming the file, when
+    sform and qform are both set and disagree."""
+    header = img.header
+    best = np.asarray(header.get_best_affine(), dtype=np.float64)
+    try:
+        s_code, q_code = int(header["sform_code"]), int(header["qform_code"])
+    except (KeyError, ValueError):  # NIfTI-2 / Analyze without codes
+        return best
+    if s_code > 0 and q_code > 0:
+        sform, qform = header.get_sform(), header.get_qform()
+        diff = float(np.abs(sform - qform).max())
+        if diff > AFFINE_TOL:
+            warnings.warn(f"{name}: sform and qform disagree (max difference {diff:.4g}); using the sform "
+                          f"(sform_code {s_code}), as nibabel does", NiftiAffineWarning, stacklevel=2)
+            log.warning("%s: sform and qform disagree (max difference %.4g); using the sform", name, diff)
+    return best
+
+
+def _nifti_read(path: Path) -> MetaTensor:
+    """NIfTI in the file's voxel order, affine by ``nifti_affine``; 4D/5D keep their extra axes last."""
+    import nibabel as nib
+
+    try:
+        img = nib.load(str(path))
+        arr = np.asanyarray(img.dataobj)
+    except Exception as exc:  # noqa: BLE001 - nibabel raises many types for broken files
+        msg = str(exc).strip().splitlines()[0][:150] if str(exc).strip() else ""
+        raise DataError(f"{path}: unreadable or truncated image ({type(exc).__name__}: {msg})") from None
+    affine = nifti_affine(img, str(path))
+    if arr.dtype == np.uint16 or arr.dtype.byteorder not in ("=", "|"):
+        arr = arr.astype(np.int32 if arr.dtype.kind in "ui" else np.float64)
+    while arr.ndim > 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if arr.ndim == 5 and arr.shape[3] == 1:  # (x, y, z, 1, c): NIfTI's vector layout
+        arr = arr[:, :, :, 0]
+    return MetaTensor(torch.as_tensor(np.ascontiguousarray(arr)), affine=torch.as_tensor(affine))
+
+
 def _sitk_read(path: Path) -> MetaTensor:
     import SimpleITK as sitk
 
@@ -96,11 +187,8 @@ def _sitk_read(path: Path) -> MetaTensor:
 @functools.lru_cache(maxsize=1)
 def _monai_loaders():
     from monai import transforms as mt
-    from monai.data import NibabelReader, PILReader
 
-    return {"raster": mt.LoadImage(reader=PILReader(reverse_indexing=False), image_only=True),
-            "nifti": mt.LoadImage(reader=NibabelReader(), image_only=True),
-            "any": mt.LoadImage(image_only=True)}
+    return {"any": mt.LoadImage(image_only=True)}
 
 
 def _monai_read(kind: str, path: Path) -> MetaTensor:
@@ -115,8 +203,10 @@ def _monai_read(kind: str, path: Path) -> MetaTensor:
         raise DataError(f"{path}: unreadable or truncated image ({type(exc).__name__}: {msg[:150]})") from None
 
 
-def read_image(ref, *, series_id: str | None = None, frame: int | None = None) -> MetaTensor:
-    """Read ``ref`` (see module doc) into a MetaTensor without a channel dimension."""
+def read_image(ref, *, series_id: str | None = None, frame: int | None = None, key: str = "image") -> MetaTensor:
+    """Read ``ref`` (see module doc) into a MetaTensor without a channel dimension. ``key`` is
+    "image" or the name of a label map ("mask": pictures keep their stored values, see
+    ``read_picture``)."""
     if isinstance(ref, np.ndarray):
         return MetaTensor(torch.as_tensor(ref))
     if isinstance(ref, torch.Tensor):
@@ -139,9 +229,9 @@ def read_image(ref, *, series_id: str | None = None, frame: int | None = None) -
     if path.stat().st_size == 0:
         raise DataError(f"{path}: empty file (0 bytes)")
     if suffix in RASTER:
-        out = _monai_read("raster", path)
+        out = MetaTensor(torch.as_tensor(read_picture(path, key)))
     elif suffix in NIFTI:
-        out = _monai_read("nifti", path)
+        out = _nifti_read(path)
     elif suffix in SITK:
         out = _sitk_read(path)
     else:
