@@ -62,11 +62,18 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: finetune.init from the config)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted fine-tuning run")
 
-    p = sub.add_parser("evaluate", help="evaluate a fine-tuned run's best checkpoint on a split",
-                       description="Loads runs/<name>/checkpoints/best.pt of a finetune run and prints metrics.")
-    _add_config_args(p)
-    p.add_argument("--run-dir", required=True, help="the fine-tuning run directory")
+    p = sub.add_parser("evaluate", help="evaluate a fine-tuned run's best checkpoint on a split of its own data",
+                       description="Reads the run's own config.yaml and recorded preset (never writes into the run) "
+                       "and writes per-image predictions, a confusion matrix (CSV, PNG), per-class sensitivity, "
+                       "specificity, precision, F1 with bootstrap CIs (segmentation: Dice, HD95 per class) to OUT.")
+    p.add_argument("run_dir", nargs="?", default=None, help="the fine-tuning run directory (runs/<name>, "
+                   "runs/<name>/finetune, runs/<name>/segment, a study cell): the paths predict accepts")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="override config keys for this evaluation only (e.g. run.device=cpu)")
+    p.add_argument("--run-dir", dest="run_dir_opt", default=None, help=argparse.SUPPRESS)
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("-o", "--out", default=None, help="output folder (default: <run.out_dir>/evaluations/<run>-<stage>-<split>, beside the run)")
+    p.add_argument("--device", default=None, help="torch device (default: run.device of the run's config)")
 
     p = sub.add_parser("study", help="label-efficiency study: fractions × seeds × initialisations, resumable",
                        description="Pretrains each method in study.inits once, then fine-tunes every cell of the "
@@ -184,22 +191,18 @@ def cmd_finetune(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from medmim.data.dataset import make_loader, materialize
-    from medmim.models.heads import Classifier
-    from medmim.train.checkpoint import safe_torch_load
-    from medmim.train.stages import build_encoder_for
-    from medmim.train.tasks import ClassificationTask
+    from medmim.evaluate import evaluate_run
 
-    cfg, _run, data, runtime = _stage_setup(args)
-    ckpt_path = Path(args.run_dir) / "checkpoints" / "best.pt"
-    if not ckpt_path.exists():
-        raise MedmimError(f"{ckpt_path}: no best checkpoint in this run directory")
-    model = Classifier(build_encoder_for(cfg), cfg.data.num_classes, mode=cfg.finetune.mode)
-    model.load_state_dict(safe_torch_load(ckpt_path)["model"])
-    items = materialize(data.split(args.split), cfg.data, data.preset, skipped=data.skipped)
-    task = ClassificationTask(model.to(runtime.device), cfg.data.num_classes, multilabel=cfg.finetune.multilabel)
-    metrics = task.evaluate(model, make_loader(items, 256, shuffle=False, seed=0), runtime)
-    print(json.dumps({"split": args.split, "n": len(items), **metrics}, indent=2))
+    run_dir = args.run_dir_opt or args.run_dir
+    overrides = list(args.overrides)
+    if run_dir and "=" in run_dir and args.run_dir_opt is None:  # `evaluate key=value ...` without a run
+        overrides.insert(0, run_dir)
+        run_dir = None
+    elif args.run_dir_opt and args.run_dir:
+        overrides.insert(0, args.run_dir)
+    if not run_dir:
+        raise MedmimError("evaluate: name the fine-tuning run directory, e.g. `medmim evaluate runs/<name>`")
+    evaluate_run(run_dir, split=args.split, out_dir=args.out, overrides=overrides, device=args.device)
     return 0
 
 

@@ -150,6 +150,33 @@ def class_names(cfg: Config) -> list[str]:
     return [str(c) for c in range(k)]
 
 
+def load_run_model(ckpt_path: Path, cfg: Config) -> torch.nn.Module:
+    """The fine-tuned model of a run (classifier or segmenter, as its config says) with the weights
+    of ``ckpt_path``; a clear error when they do not fit."""
+    from medmim.models import encoder_from_config
+    from medmim.train.checkpoint import safe_torch_load
+
+    state = safe_torch_load(ckpt_path)["model"]
+    encoder = encoder_from_config(cfg.encoder, cfg.data.spatial_dims, cfg.data.image_size)
+    if cfg.finetune.head == "segment":
+        from medmim.models.segmentation import Segmenter
+
+        model = Segmenter(encoder, cfg.finetune.num_seg_classes, decoder=cfg.finetune.seg_decoder,
+                          feature_size=cfg.finetune.seg_feature_size)
+    else:
+        from medmim.models.heads import Classifier
+
+        # the head's layout says which mode trained it (study cells override finetune.mode)
+        mode = "linear" if "head.0.running_mean" in state else "full"
+        model = Classifier(encoder, cfg.data.num_classes, mode=mode)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("encoder_frozen")]
+    if missing or unexpected:
+        raise MedmimError(f"{ckpt_path}: checkpoint does not fit the model of its config "
+                          f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return model.eval()
+
+
 @dataclass
 class PredictResult:
     outputs: list[str] = field(default_factory=list)
@@ -177,35 +204,18 @@ class Predictor:
         self.preset = preset
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
-        self.chain = deterministic_transforms(cfg.data, preset, with_mask=False, track_meta=True)
+        # classification: the very chain training and `medmim evaluate` run; segmentation: the same
+        # chain keeping MetaTensors, so that the logits can be taken back to the source grid
+        segment = self.head == "segment"
+        self.chain = deterministic_transforms(cfg.data, preset, with_mask=False, track_meta=segment)
         native = cfg.data.model_copy(update={"resize": "none"})
-        self.native_chain = deterministic_transforms(native, preset, with_mask=False, track_meta=True)
+        self.native_chain = deterministic_transforms(native, preset, with_mask=False, track_meta=True) \
+            if segment else None
 
     @classmethod
     def from_run(cls, run_dir: str | Path, device: str = "cpu") -> "Predictor":
-        from medmim.models import encoder_from_config
-        from medmim.train.checkpoint import safe_torch_load
-
         ckpt_path, cfg, preset = find_run(run_dir)
-        state = safe_torch_load(ckpt_path)["model"]
-        encoder = encoder_from_config(cfg.encoder, cfg.data.spatial_dims, cfg.data.image_size)
-        if cfg.finetune.head == "segment":
-            from medmim.models.segmentation import Segmenter
-
-            model = Segmenter(encoder, cfg.finetune.num_seg_classes, decoder=cfg.finetune.seg_decoder,
-                              feature_size=cfg.finetune.seg_feature_size)
-        else:
-            from medmim.models.heads import Classifier
-
-            # the head's layout says which mode trained it (study cells override finetune.mode)
-            mode = "linear" if "head.0.running_mean" in state else "full"
-            model = Classifier(encoder, cfg.data.num_classes, mode=mode)
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not k.endswith("encoder_frozen")]
-        if missing or unexpected:
-            raise MedmimError(f"{ckpt_path}: checkpoint does not fit the model of its config "
-                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-        return cls(model, cfg, preset, device)
+        return cls(load_run_model(ckpt_path, cfg), cfg, preset, device)
 
     # ---- reading: the run's own chain ------------------------------------------------------------
     def read(self, inp: Input | str | Path, native: bool = False):
@@ -218,7 +228,7 @@ class Predictor:
         if not inp.path.exists():
             raise DataError(f"{inp.path}: file not found")
         try:
-            image = (self.native_chain if native else self.chain)(rec)["image"]
+            image = (self.native_chain if native and self.native_chain is not None else self.chain)(rec)["image"]
         except Exception as exc:  # noqa: BLE001 - reader and transform errors, reported per file
             info = describe_failure(rec, exc)
             raise DataError(f"{info['file']}: {info['reason']}") from None
@@ -230,7 +240,7 @@ class Predictor:
     # ---- inference -------------------------------------------------------------------------------
     @torch.no_grad()
     def classify(self, image: torch.Tensor) -> np.ndarray:
-        x = torch.as_tensor(image).as_subclass(torch.Tensor)[None].float().to(self.device)
+        x = torch.Tensor.as_subclass(image, torch.Tensor)[None].float().to(self.device)
         logits = self.model(x).float()
         probs = torch.sigmoid(logits) if self.cfg.finetune.multilabel else logits.softmax(1)
         return probs[0].cpu().numpy()

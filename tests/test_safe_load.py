@@ -147,7 +147,12 @@ def test_cli_evaluate_refuses_a_malicious_best_checkpoint(evil, tmp_path, capsys
     run_dir = tmp_path / "victim"
     (run_dir / "checkpoints").mkdir(parents=True)
     shutil.copy(path, run_dir / "checkpoints" / "best.pt")
-    err = _cli_refuses(["evaluate", "--run-dir", str(run_dir), *_tiny(tmp_path)], capsys)
+    # a run as training leaves it (evaluate reads the run's own config and recorded preset)
+    from medmim.config import dump_config, load_config
+
+    (run_dir / "config.yaml").write_text(dump_config(load_config(None, _tiny(tmp_path))))
+    (run_dir / "environment.json").write_text('{"data": {"preset": "uint8"}}')
+    err = _cli_refuses(["evaluate", str(run_dir)], capsys)
     assert "pickle payload" in err
     assert not marker.exists()
 
