@@ -85,7 +85,12 @@ def compare_file(path: Path) -> dict:
     try:
         ref, ref_affine, ref_spacing = sitk_reference(path)
     except RuntimeError as exc:
-        row.update(status="reference-failed", reason=str(exc).strip().splitlines()[-1][:120])
+        try:
+            read_series([path])
+            ours = "medmim reads it"
+        except DataError as err:
+            ours = "medmim refuses it: " + str(err).split(": ", 1)[-1][:100]
+        row.update(status="reference-failed", reason=f"SimpleITK: {str(exc).strip().splitlines()[-1][:60]}; {ours}")
         return row
     try:
         arr, affine, meta = read_series([path])

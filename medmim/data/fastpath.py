@@ -5,7 +5,7 @@ intensity -> size) *defines* what an item is. For 2D pictures most of its time g
 bookkeeping around tiny operations and into ``torch.quantile`` (a full sort) for the percentile
 presets. ``FastChain2D`` computes the same thing on plain arrays:
 
-* reading: PIL (what MONAI's ``PILReader`` calls), in-memory arrays and npz entries as they are;
+* reading: ``medmim.data.readers.read_picture`` (the one picture reader), in-memory arrays and npz entries as they are;
 * checks: the functions of ``medmim.data.checks`` (integer images skip the NaN/Inf scan);
 * percentiles: exact order statistics (a 256/65536-bin histogram for integer images, else
   ``np.partition``), interpolated exactly as ``torch.quantile`` does (MONAI's ``percentile``; above
