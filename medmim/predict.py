@@ -389,7 +389,7 @@ def predict(run_dir: str | Path, inputs: Iterable[str | Path], out_dir: str | Pa
 
 def _write_csv(path: Path, rows: list[dict], cols: list[str]) -> None:
     with atomic_path(path) as tmp:
-        with open(tmp, "w", newline="") as fh:
+        with open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as fh:  # odd file names too
             w = csv.DictWriter(fh, fieldnames=cols, extrasaction="ignore")
             w.writeheader()
             w.writerows(rows)
