@@ -18,7 +18,6 @@ metrics on the model's grid) and ``metrics.json`` (per-class and mean Dice / HD9
 
 from __future__ import annotations
 
-import csv
 import sys
 from pathlib import Path
 from typing import Callable
@@ -28,7 +27,7 @@ import torch
 
 from medmim.config import Config, dump_config, with_overrides
 from medmim.errors import DataError, MedmimError
-from medmim.io import atomic_path, write_json, write_text
+from medmim.io import atomic_path, write_csv, write_json, write_text
 from medmim.predict import class_names, find_run, load_run_model
 
 PER_CLASS = ("sensitivity", "specificity", "precision", "f1")
@@ -123,14 +122,6 @@ def classification_report(labels: np.ndarray, probs: np.ndarray, names: list[str
 
         cm = confusion_matrix(labels.astype(np.int64), probs.argmax(1), labels=list(range(k)))
     return out, rows, cm
-
-
-def _write_csv(path: Path, rows: list[dict], cols: list[str]) -> None:
-    with atomic_path(path) as tmp:
-        with open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as fh:
-            w = csv.DictWriter(fh, fieldnames=cols, extrasaction="ignore")
-            w.writeheader()
-            w.writerows(rows)
 
 
 def plot_confusion(cm: np.ndarray, names: list[str], path: Path, multilabel: bool = False) -> Path:
@@ -264,7 +255,7 @@ def evaluate_run(run_dir: str | Path, *, split: str = "test", out_dir: str | Pat
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / "config.yaml", dump_config(cfg))
     if skipped:
-        _write_csv(out / "skipped.csv", skipped, ["file", "reason"])
+        write_csv(out / "skipped.csv", skipped, ["file", "reason"])
         log(f"skipped {len(skipped)} unusable image(s); see {out / 'skipped.csv'}")
     n_boot = cfg.finetune.bootstrap
     seed = cfg.run.seed
@@ -290,9 +281,9 @@ def evaluate_run(run_dir: str | Path, *, split: str = "test", out_dir: str | Pat
         case_cols = ["file"] + [f"dice_class{c + 1}" for c in range(k)] + [f"hd95_class{c + 1}" for c in range(k)]
         cases = [{"file": f, **{f"dice_class{c + 1}": _fmt(float(dice[i, c])) for c in range(k)},
                   **{f"hd95_class{c + 1}": _fmt(float(hd[i, c])) for c in range(k)}} for i, f in enumerate(files)]
-        _write_csv(out / "cases.csv", cases, case_cols)
+        write_csv(out / "cases.csv", cases, case_cols)
         cols = ["class"] + [f"{m}{s}" for m in ("dice", "hd95") for s in ("", "_ci_low", "_ci_high", "_n")]
-        _write_csv(out / "per_class.csv", [{k2: _fmt(v) for k2, v in r.items()} for r in per_class], cols)
+        write_csv(out / "per_class.csv", [{k2: _fmt(v) for k2, v in r.items()} for r in per_class], cols)
         log(f"{split}: {len(kept)} images, Dice {result['dice']:.4f}"
             + (f" [{result.get('dice_ci_low', float('nan')):.4f}, {result.get('dice_ci_high', float('nan')):.4f}]"
                if n_boot else "") + f", HD95 {result.get('hd95', float('nan')):.3f}")
@@ -316,7 +307,7 @@ def evaluate_run(run_dir: str | Path, *, split: str = "test", out_dir: str | Pat
         cols = ["file"] + (["series_id"] if any(r["series_id"] for r in rows) else []) \
             + (["frame"] if any(r["frame"] != "" for r in rows) else []) + ["label", "predicted"] \
             + [f"prob_{n}" for n in names]
-        _write_csv(out / "predictions.csv", rows, cols)
+        write_csv(out / "predictions.csv", rows, cols)
         if labelled:
             y = np.array([kept[i]["label"] for i in labelled], dtype=np.float64 if multilabel else np.int64)
             overall, per_class, cm = classification_report(y, p[labelled], names, multilabel=multilabel,
@@ -326,15 +317,15 @@ def evaluate_run(run_dir: str | Path, *, split: str = "test", out_dir: str | Pat
             result["confusion_matrix"] = cm.tolist()
             if multilabel:
                 cm_rows = [{"label": names[c], "TP": v[0], "FP": v[1], "FN": v[2], "TN": v[3]} for c, v in enumerate(cm)]
-                _write_csv(out / "confusion_matrix.csv", cm_rows, ["label", "TP", "FP", "FN", "TN"])
+                write_csv(out / "confusion_matrix.csv", cm_rows, ["label", "TP", "FP", "FN", "TN"])
             else:
                 cm_rows = [{"true \\ predicted": names[i], **{names[j]: int(cm[i, j]) for j in range(len(names))}}
                            for i in range(len(names))]
-                _write_csv(out / "confusion_matrix.csv", cm_rows, ["true \\ predicted", *names])
+                write_csv(out / "confusion_matrix.csv", cm_rows, ["true \\ predicted", *names])
             plot_confusion(cm, names, out / "confusion_matrix.png", multilabel=multilabel)
             pc_cols = ["class", "name", "n"] + [f"{m}{s}" for m in (*PER_CLASS, "auroc")
                                                 for s in ("", "_ci_low", "_ci_high")]
-            _write_csv(out / "per_class.csv", [{k2: _fmt(v) for k2, v in r.items()} for r in per_class], pc_cols)
+            write_csv(out / "per_class.csv", [{k2: _fmt(v) for k2, v in r.items()} for r in per_class], pc_cols)
             log(f"{split}: {len(labelled)} labelled images, AUROC {overall['auroc']:.4f}"
                 + (f" [{overall['auroc_ci_low']:.4f}, {overall['auroc_ci_high']:.4f}]" if n_boot else "")
                 + f", accuracy {overall['accuracy']:.4f}")

@@ -20,7 +20,6 @@ other inputs still get their predictions.
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import sys
@@ -33,7 +32,7 @@ import torch
 
 from medmim.config import Config, load_config
 from medmim.errors import DataError, MedmimError
-from medmim.io import atomic_path
+from medmim.io import atomic_path, write_csv
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr", ".png", ".jpg", ".jpeg", ".bmp",
                   ".tif", ".tiff", ".dcm", ".npy")
@@ -381,18 +380,10 @@ def predict(run_dir: str | Path, inputs: Iterable[str | Path], out_dir: str | Pa
         cols = ["file"] + (["series_id"] if any(r["series_id"] for r in rows) else []) \
             + [f"prob_{n}" for n in names] + ["predicted"]
         result.table = out_dir / "predictions.csv"
-        _write_csv(result.table, rows, cols)
+        write_csv(result.table, rows, cols)
     if result.failures:
-        _write_csv(out_dir / "errors.csv", result.failures, ["file", "reason"])
+        write_csv(out_dir / "errors.csv", result.failures, ["file", "reason"])
     return result
-
-
-def _write_csv(path: Path, rows: list[dict], cols: list[str]) -> None:
-    with atomic_path(path) as tmp:
-        with open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as fh:  # odd file names too
-            w = csv.DictWriter(fh, fieldnames=cols, extrasaction="ignore")
-            w.writeheader()
-            w.writerows(rows)
 
 
 class _Null:
