@@ -96,7 +96,10 @@ def collect_inputs(paths: Iterable[str | Path]) -> list[Input]:
         if dicom:
             skipped: list[dict] = []
             series = scan_folder(p, salt="", skipped=skipped, files=dicom)
-            out += [Input(info.folder, uid) for uid, info in sorted(series.items(), key=lambda kv: str(kv[1].folder))]
+            for uid, info in sorted(series.items(), key=lambda kv: str(kv[1].folder)):
+                # a one-file series (an X-ray, an enhanced multi-frame volume) is read as that file:
+                # the same reading, without rescanning its folder for every file in it
+                out.append(Input(info.files[0]) if len(info.files) == 1 else Input(info.folder, uid))
     seen, unique = set(), []
     for inp in out:
         key = (str(inp.path.resolve()) if inp.path.exists() else str(inp.path), inp.series_id)
@@ -142,8 +145,8 @@ def find_run(run_dir: str | Path) -> tuple[Path, Config, str]:
 
 def class_names(cfg: Config) -> list[str]:
     """Names of the classes: ``data.class_names`` when the config has them, else "0", "1", ..."""
-    k = cfg.data.num_classes
     names = getattr(cfg.data, "class_names", None)
+    k = cfg.data.num_classes or (len(names) if names else 0)
     if names and len(names) == k:
         return [str(n) for n in names]
     return [str(c) for c in range(k)]

@@ -260,3 +260,61 @@ def test_segmentation_run_evaluates_dice_and_hd95(tmp_path):
     dice = np.array([float(c["dice_class1"]) for c in cases])
     assert row["dice"] == pytest.approx(dice.mean())
     assert 0 <= row["dice_ci_low"] <= row["dice"] <= row["dice_ci_high"] <= 1
+
+
+def test_pneumoniamnist_pngs_predict_like_the_npz_arrays_evaluate(tmp_path):
+    """Real data: a run trained on the PneumoniaMNIST npz; test images saved as PNG files through PIL
+    reach `medmim predict` with the probabilities `medmim evaluate` gives their npz arrays."""
+    from PIL import Image
+
+    from conftest import require_shared
+
+    npz = require_shared("pneumoniamnist", "pneumoniamnist_28.npz")
+    run = _make_run(tmp_path, ["data.source=medmnist", f"data.path={npz}", "data.image_size=28"], preset="uint8",
+                    seed=7)
+    out = tmp_path / "ev"
+    assert main(["evaluate", str(run), "-o", str(out)]) == 0
+    with open(out / "predictions.csv") as fh:
+        ev = {r["file"]: r for r in csv.DictReader(fh)}
+    assert len(ev) == 624
+    test_images = np.load(npz)["test_images"]
+    pngs = []
+    for i in (0, 1, 2, 3, 100, 623):
+        pngs.append(tmp_path / "png" / f"test{i:03d}.png")
+        pngs[-1].parent.mkdir(exist_ok=True)
+        Image.fromarray(test_images[i]).save(pngs[-1])
+    assert main(["predict", str(run), str(tmp_path / "png"), "-o", str(tmp_path / "pr")]) == 0
+    with open(tmp_path / "pr" / "predictions.csv") as fh:
+        pr = list(csv.DictReader(fh))
+    assert len(pr) == 6
+    probs = []
+    for row in pr:
+        i = int(Path(row["file"]).stem[4:])
+        ref = ev[f"{npz.name}:test_images[{i}]"]
+        for c in ("prob_0", "prob_1"):
+            assert float(row[c]) == pytest.approx(float(ref[c]), abs=1e-5), (i, c)
+        probs.append(float(row["prob_1"]))
+    assert np.ptp(probs) > 1e-4
+
+
+def test_class_names_label_every_table(tmp_path):
+    """With data.class_names, predictions, the confusion matrix and the per-class table use the names."""
+    from medmim.data.synthetic import write_png
+    from medmim.predict import class_names
+
+    if "class_names" not in type(load_config(None).data).model_fields:
+        pytest.skip("this config has no data.class_names")
+    rng = np.random.default_rng(4)
+    rows = [{"image": str(write_png(tmp_path / f"im{i}.png", (rng.random((12, 12)) * 255).astype(np.uint8))),
+             "label": i % 2, "patient_id": f"p{i}", "split": "test" if i < 6 else "train"} for i in range(8)]
+    manifest = _write_manifest(tmp_path / "m.csv", rows)
+    run = _make_run(tmp_path, ["data.source=manifest", f"data.path={manifest}", "data.image_size=16",
+                               "data.num_classes=2", "data.class_names=[normal,tumour]"], preset="uint8")
+    assert class_names(load_config(run / "config.yaml")) == ["normal", "tumour"]
+    out = tmp_path / "ev"
+    assert main(["evaluate", str(run), "-o", str(out)]) == 0
+    with open(out / "predictions.csv") as fh:
+        pred = list(csv.DictReader(fh))
+    assert {"prob_normal", "prob_tumour"} <= set(pred[0]) and {r["label"] for r in pred} == {"normal", "tumour"}
+    assert (out / "confusion_matrix.csv").read_text().splitlines()[0].endswith("normal,tumour")
+    assert [r["name"] for r in json.loads((out / "metrics.json").read_text())["per_class"]] == ["normal", "tumour"]
