@@ -318,3 +318,36 @@ def test_class_names_label_every_table(tmp_path):
     assert {"prob_normal", "prob_tumour"} <= set(pred[0]) and {r["label"] for r in pred} == {"normal", "tumour"}
     assert (out / "confusion_matrix.csv").read_text().splitlines()[0].endswith("normal,tumour")
     assert [r["name"] for r in json.loads((out / "metrics.json").read_text())["per_class"]] == ["normal", "tumour"]
+
+
+def test_multilabel_run_per_label_tables_match_sklearn(tmp_path):
+    from sklearn.metrics import multilabel_confusion_matrix
+
+    from medmim.data.synthetic import write_png
+
+    rng = np.random.default_rng(6)
+    rows = []
+    for i in range(20):
+        a = (rng.random((12, 12)) * 255).astype(np.uint8)
+        rows.append({"image": str(write_png(tmp_path / f"im{i}.png", a)), "label": json.dumps([i % 2, (i // 2) % 2, 1]),
+                     "patient_id": f"p{i}", "split": "test" if i < 16 else "train"})
+    manifest = _write_manifest(tmp_path / "m.csv", rows)
+    run = _make_run(tmp_path, ["data.source=manifest", f"data.path={manifest}", "data.image_size=16",
+                               "data.num_classes=3", "finetune.multilabel=true"], preset="uint8", seed=2)
+    out = tmp_path / "ev"
+    assert main(["evaluate", str(run), "-o", str(out)]) == 0
+    with open(out / "predictions.csv") as fh:
+        pred = list(csv.DictReader(fh))
+    probs = np.array([[float(r[f"prob_{c}"]) for c in range(3)] for r in pred])
+    y = np.array([json.loads(rows[int(Path(r["file"]).stem[2:])]["label"]) for r in pred])
+    ref = multilabel_confusion_matrix(y, (probs >= 0.5).astype(int))  # (K, 2, 2): [[tn, fp], [fn, tp]]
+    with open(out / "confusion_matrix.csv") as fh:
+        cm = list(csv.DictReader(fh))
+    for c in range(3):
+        (tn, fp), (fn, tp) = ref[c]
+        assert [int(cm[c][k]) for k in ("TP", "FP", "FN", "TN")] == [tp, fp, fn, tn]
+        row = json.loads((out / "metrics.json").read_text())["per_class"][c]
+        if tp + fn:
+            assert row["sensitivity"] == pytest.approx(tp / (tp + fn))
+        if tn + fp:
+            assert row["specificity"] == pytest.approx(tn / (tn + fp))

@@ -178,3 +178,16 @@ def test_sform_qform_policy_is_nibabels_and_a_disagreement_is_named(tmp_path, ca
     with warnings.catch_warnings():
         warnings.simplefilter("error", NiftiAffineWarning)
         read_image(_save(tmp_path / "same.nii.gz", data, sform))
+
+
+def test_colour_dicom_becomes_grey_as_pil_convert_L():
+    """A real colour ultrasound DICOM (JPEG 2000, YBR_RCT): grey levels equal PIL's convert("L") of
+    the RGB pixels pydicom decodes."""
+    import pydicom
+    from PIL import Image
+
+    path = _testdata("US1_J2KR.dcm")
+    rgb = pydicom.dcmread(path).pixel_array
+    assert rgb.ndim == 3 and rgb.shape[-1] == 3 and rgb.dtype == np.uint8
+    expected = np.asarray(Image.fromarray(rgb, mode="RGB").convert("L"), dtype=np.float32)
+    np.testing.assert_array_equal(read_image(path).numpy(), expected)
