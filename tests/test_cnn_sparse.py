@@ -135,14 +135,15 @@ def test_spconv_kernels_match():
         assert max_rel(g_dense[key], g_sparse[key]) < 1e-9, key
 
 
-@pytest.mark.parametrize("kernel", ["torch", "gather"])
+@pytest.mark.parametrize("kernel", ["torch", "spconv"])
 @pytest.mark.parametrize("name,d,size,kw", [
     ("resnet18", 3, 64, {}),  # standard 3D stem: 7^3 stride-2 conv + 3^3 stride-2 max-pool
     ("convnext_tiny", 3, 16, {"depths": (1, 1, 1, 1), "kernel_size": 3, "small_input": True}),
 ], ids=["resnet18-3d-stem", "convnext_tiny-3d"])
 def test_sparse_kernels_equal_masked_dense(name, d, size, kw, kernel):
-    """Both torch kernels: 'torch' (a dense conv per visible cell plus halo; the default) and
-    'gather' (rulebook gather-GEMM) equal masked-dense, forward and backward, in float64."""
+    """Both kernels: 'torch' (a dense conv per visible cell plus halo; the default) and 'spconv'
+    (spconv's rulebooks and conv kernels for regular convs) equal masked-dense, forward and
+    backward, in float64, on a strided 7^3 stem + max-pool and on depthwise ConvNeXt blocks."""
     enc = tiny(name, d, **kw)
     x, mask = inputs(enc, size, batch=2 if size < 64 else 1, ratio=0.5)
     dense, g_dense = forward_backward(enc, x, mask, "dense")
@@ -236,3 +237,29 @@ def test_export_import_round_trip(tmp_path):
         with torch.no_grad():
             for a, b in zip(enc(x), fresh(x)):
                 assert torch.equal(a, b)
+
+
+def test_torch_kernel_needs_no_spconv():
+    """The default sparse kernel holds plain torch rows and densifies them itself: it runs (and
+    equals masked-dense) in a process where spconv cannot be imported."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import sys, torch
+        sys.modules["spconv"] = None  # any import of spconv now raises ImportError
+        from medmim.masking import random_mask
+        from medmim.models.cnn import build_cnn
+        torch.manual_seed(0)
+        enc = build_cnn("resnet18", spatial_dims=2, base_channels=4).double()
+        x = torch.randn(2, 1, 64, 64, dtype=torch.float64)
+        mask = random_mask(2, (2, 2), 0.5, generator=torch.Generator().manual_seed(0))
+        a = enc(x, mask, backend="dense")
+        b = enc(x, mask, backend="sparse")
+        print(max(float((u - v).abs().max()) for u, v in zip(a, b)))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert float(out.stdout.strip()) < 1e-9
