@@ -346,4 +346,8 @@ def test_degenerate_flags_constant_output_and_without_predictions():
     probs = np.tile([[0.3, 0.7]], (6, 1))
     assert degenerate_flags(row, (probs, np.array([0, 1] * 3), None)) == ["constant output"]
     assert degenerate_flags(row) and not degenerate_flags({**row, "test_balanced_accuracy": 0.62})
-    assert degenerate_flags({**row, "test_balanced_accuracy": 0.7, "best_epoch": 0}, n_epochs=1) == []
+    assert degenerate_flags({**row, "test_balanced_accuracy": 0.7, "best_epoch": 0}, val_epochs=[0]) == []
+    # validation every few epochs (finetune.max_evals): the first validated epoch is the one to flag
+    assert degenerate_flags({**row, "test_balanced_accuracy": 0.7, "best_epoch": 4}, val_epochs=[4, 9, 14]) == \
+        ["best epoch 4 = first validation"]
+    assert degenerate_flags({**row, "test_balanced_accuracy": 0.7, "best_epoch": 9}, val_epochs=[4, 9, 14]) == []

@@ -12,14 +12,13 @@ draws ROC / PR curves, confusion matrices and per-class metrics from it.
 from __future__ import annotations
 
 import csv
-import io
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
 from medmim.errors import MedmimError
-from medmim.io import write_text
+from medmim.io import write_csv
 
 PREDICTIONS_NAME = "predictions_test.csv"
 
@@ -51,21 +50,19 @@ def write_predictions(path: str | Path, probs: Any, labels: Any, class_names: Se
     names = list(class_names) if class_names is not None else None
     if names is not None and len(names) != k:
         names = None  # a mismatched name list is dropped rather than mislabelling classes
-    out = io.StringIO()
-    w = csv.writer(out, lineterminator="\n")
     header = ["index", "label", "predicted"] + ([] if multilabel or names is None else ["label_name", "predicted_name"])
-    w.writerow(header + [f"prob_{c}" for c in range(k)])
+    header += [f"prob_{c}" for c in range(k)]
+    rows = []
     for i in range(n):
         if multilabel:
             lab = ";".join(str(int(v)) for v in np.asarray(y[i]).reshape(-1))
             pred = ";".join(str(int(v >= 0.5)) for v in p[i])
-            extra: list[str] = []
+            extra: list = []
         else:
             lab, pred = int(np.asarray(y[i]).reshape(-1)[0]), int(p[i].argmax())
             extra = [] if names is None else [names[lab] if 0 <= lab < k else "", names[pred]]
-        w.writerow([i, lab, pred, *extra, *(f"{v:.6g}" for v in p[i])])
-    write_text(path, out.getvalue())
-    return path
+        rows.append(dict(zip(header, [i, lab, pred, *extra, *(f"{v:.9g}" for v in p[i])])))
+    return write_csv(path, rows, header)
 
 
 def read_predictions(path: str | Path) -> tuple[np.ndarray, np.ndarray, list[str] | None]:

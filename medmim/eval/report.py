@@ -200,10 +200,12 @@ def _cell_predictions(study: Path, row: dict):
         return None
 
 
-def degenerate_flags(row: dict, preds=None, n_epochs: int | None = None) -> list[str]:
+def degenerate_flags(row: dict, preds=None, val_epochs: list[int] | None = None) -> list[str]:
     """Why a finished cell's classifier looks degenerate: the same class predicted for every test
-    image (or identical outputs), or the best validation checkpoint at epoch 0 (nothing learned
-    after the first epoch; only flagged when more than one epoch ran)."""
+    image (or identical outputs), or the best checkpoint at the first validation pass (nothing
+    gained after it). ``val_epochs``: the epochs that were validated (from metrics.jsonl; with
+    ``finetune.max_evals`` not every epoch is); only flagged when more than one pass ran. Without
+    them: best epoch 0."""
     flags = []
     if row.get("status") != "ok":
         return flags
@@ -222,7 +224,11 @@ def degenerate_flags(row: dict, preds=None, n_epochs: int | None = None) -> list
         bal = row.get("test_balanced_accuracy")
         if k and _finite(bal) and abs(bal - 1.0 / k) < 1e-9 and not row.get("_multilabel"):
             flags.append("balanced accuracy exactly 1/K (one class predicted?)")
-    if row.get("best_epoch") == 0 and (n_epochs is None or n_epochs > 1):
+    best = row.get("best_epoch")
+    if val_epochs:
+        if len(val_epochs) > 1 and best == val_epochs[0]:
+            flags.append("best epoch 0" if best == 0 else f"best epoch {best} = first validation")
+    elif best == 0:
         flags.append("best epoch 0")
     return flags
 
@@ -556,11 +562,13 @@ def study_context(study: Path, img_dir: Path | None = None) -> dict[str, Any]:
                 break
     flags = {}
     for r in rows:
-        n_epochs = None
+        val_epochs = None
         mfile = study / "cells" / str(r.get("cell", "")) / "metrics.jsonl"
         if mfile.exists():
-            n_epochs = len({m.get("epoch") for m in _read_jsonl(mfile)})
-        f = degenerate_flags({**r, "_num_classes": k, "_multilabel": multilabel}, preds.get(r.get("cell")), n_epochs)
+            val_epochs = sorted({int(m["epoch"]) for m in _read_jsonl(mfile)
+                                 if _finite(m.get("epoch")) and _finite(m.get("val_auroc"))})
+        f = degenerate_flags({**r, "_num_classes": k, "_multilabel": multilabel}, preds.get(r.get("cell")),
+                             val_epochs)
         if f:
             flags[r["cell"]] = f
     ctx = {"metric": metric, "rows": rows, "class_names": names, "num_classes": k, "preds": preds, "flags": flags,
@@ -633,7 +641,7 @@ def render_html(study: Path, curve: str | None, grids: list[tuple[str, str, str]
                          "seeds", "failed", "degenerate"], srows, "summary"))
     parts.append("<p class='muted'>95% CI: t-interval over the seeds' test values (shown from 2 seeds on). "
                  "Degenerate: cells flagged below (one class predicted for every image, or the best checkpoint "
-                 "at epoch 0).</p>")
+                 "at the first validation pass).</p>")
     parts.append(_pool_html(card, summary))
     comp = comparison(summary, metric)
     if comp:
@@ -684,9 +692,9 @@ def render_html(study: Path, curve: str | None, grids: list[tuple[str, str, str]
         parts.append(_table(["cell", "why"], [[_e(c), _e("; ".join(f))] for c, f in sorted(flags.items())],
                             "degenerate"))
         parts.append("<p class='muted'>A cell that predicts one class for every test image has learned nothing "
-                     "usable whatever its AUROC; a best checkpoint at epoch 0 means validation never improved "
-                     "after the first epoch (too few updates, a too-high learning rate, or too few validation "
-                     "labels to select on).</p>")
+                     "usable whatever its AUROC; a best checkpoint at the first validation pass (epoch 0 when "
+                     "every epoch is validated) means validation never improved after it (too few updates, a "
+                     "too-high learning rate, or too few validation labels to select on).</p>")
 
     parts.append("<h2>Cells</h2>")
     fields = [k for k in ("cell", "init", "mode", "fraction", "seed", "n_labelled", "best_epoch", "val_auroc",
