@@ -245,7 +245,7 @@ def _per_cell_class_metrics(preds, row: dict, k: int) -> dict[str, float]:
         return out
     probs, labels, _ = preds
     for c in range(probs.shape[1]):
-        sens, prec = _sens_fn(c), _prec_fn(c)
+        sens, prec = _per_class_fns(c, labels.ndim == 2)
         out[f"test_sensitivity_class{c}"] = sens(labels, probs)
         out[f"test_precision_class{c}"] = prec(labels, probs)
         if f"test_auroc_class{c}" not in out:
@@ -256,28 +256,12 @@ def _per_cell_class_metrics(preds, row: dict, k: int) -> dict[str, float]:
     return out  # NaN kept: a class absent from the test split
 
 
-def _decisions(labels, probs, c: int):
-    import numpy as np
+def _per_class_fns(c: int, multilabel: bool):
+    """Sensitivity and precision of class ``c`` as ``f(labels, probs)``: medmim evaluate's own
+    (argmax decision; multi-label: each output at 0.5), so the report and ``medmim evaluate`` agree."""
+    from medmim.evaluate import per_class_value
 
-    if labels.ndim == 2:
-        return labels[:, c].astype(bool), probs[:, c] >= 0.5
-    return np.asarray(labels) == c, probs.argmax(1) == c
-
-
-def _sens_fn(c: int):
-    def f(labels, probs):
-        y, pred = _decisions(labels, probs, c)
-        return float(pred[y].mean()) if y.any() else float("nan")
-    f.__name__ = f"sensitivity_class{c}"
-    return f
-
-
-def _prec_fn(c: int):
-    def f(labels, probs):
-        y, pred = _decisions(labels, probs, c)
-        return float(y[pred].mean()) if pred.any() else float("nan")
-    f.__name__ = f"precision_class{c}"
-    return f
+    return per_class_value("sensitivity", c, multilabel), per_class_value("precision", c, multilabel)
 
 
 PER_CLASS = ("auroc", "sensitivity", "precision")
@@ -316,7 +300,7 @@ def per_class_table(rows: list[dict], preds: dict, k: int, n_boot: int = 1000) -
                     entry["auroc"].update(low=lo, high=hi, ci="bootstrap")
                 pr = preds.get(group[0]["cell"])
                 if pr is not None and n_boot and c < pr[0].shape[1]:
-                    cis = bootstrap_cis(pr[1], pr[0], [_sens_fn(c), _prec_fn(c)], n=n_boot, seed=0)
+                    cis = bootstrap_cis(pr[1], pr[0], list(_per_class_fns(c, pr[1].ndim == 2)), n=n_boot, seed=0)
                     for m in ("sensitivity", "precision"):
                         ci = cis[f"{m}_class{c}"]
                         if _finite(ci["low"]):
