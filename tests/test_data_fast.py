@@ -125,3 +125,90 @@ def test_3d_keeps_the_monai_chain():
     assert det.fast is None
     vol = np.random.default_rng(0).normal(0, 200, (20, 18, 12)).astype(np.float32)
     assert det({"image": vol})["image"].shape == (1, 16, 16, 16)
+
+
+# ---- parallel materialisation and the shard cache ------------------------------------------------
+def _png_records(root, n, size=(40, 50)):
+    rng = np.random.default_rng(3)
+    recs = []
+    for i in range(n):
+        p = root / f"p{i:03d}.png"
+        Image.fromarray((rng.random(size) * 255).astype(np.uint8)).save(p)
+        recs.append({"image": str(p), "label": i % 2, "patient_id": f"p{i}"})
+    bad = root / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    recs.insert(5, {"image": str(bad), "label": 0, "patient_id": "bad"})
+    return recs
+
+
+def _materialize(recs, *over, skipped=None):
+    from medmim.data.dataset import materialize
+
+    cfg = load_config(None, ["data.image_size=16", *over]).data
+    return materialize(recs, cfg, "xray", skipped=skipped)
+
+
+def test_parallel_materialisation_equals_serial(tmp_path):
+    recs = _png_records(tmp_path, 40)
+    skip1, skip2 = [], []
+    serial = _materialize(recs, "data.num_workers=0", skipped=skip1)
+    parallel = _materialize(recs, "data.num_workers=2", skipped=skip2)
+    assert len(serial) == len(parallel) == 40
+    assert skip1 == skip2 and len(skip1) == 1 and skip1[0]["file"].endswith("broken.png")
+    for a, b in zip(serial, parallel):
+        torch.testing.assert_close(a["image"], b["image"], atol=0, rtol=0)
+        assert int(a["label"]) == int(b["label"])
+
+
+def test_shard_cache_is_shared_and_only_computes_what_is_missing(tmp_path, monkeypatch):
+    import json
+
+    from medmim.data import dataset as ds_mod
+
+    recs = _png_records(tmp_path, 40)
+    over = ["data.cache=disk", f"data.cache_dir={tmp_path / 'cache'}", "data.num_workers=2"]
+    ref = _materialize(recs, "data.cache=memory")
+    first = _materialize(recs, *over)
+    assert type(first).__name__ == "CachedItems"
+    for a, b in zip(ref, first):
+        torch.testing.assert_close(a["image"], b["image"], atol=0, rtol=0)
+        assert int(a["label"]) == int(b["label"])
+    shards = list((tmp_path / "cache").glob("*/shards/*.json"))
+    assert len(shards) == 1 and len(json.loads(shards[0].read_text())["keys"]) == 40  # the broken file is not cached
+    # a subset (another stage or study cell) is served from the same shards: nothing is computed
+    def no_compute(*a, **k):
+        raise AssertionError("the cache should have served every item")
+
+    monkeypatch.setattr(ds_mod, "run_chain", no_compute)
+    sub = _materialize(recs[10:30], *over)
+    for a, b in zip(ref[9:29], sub):
+        torch.testing.assert_close(a["image"], b["image"], atol=0, rtol=0)
+    monkeypatch.undo()
+    # a half-written shard (array without index) is ignored; new records get a new shard
+    (shards[0].parent / "junk.npy").write_bytes(b"partial")
+    (tmp_path / "more").mkdir()
+    more = _png_records(tmp_path / "more", 3)  # (its broken file comes last)
+    got = _materialize(recs + more[:3], *over)
+    assert len(got) == 43 and len(list((tmp_path / "cache").glob("*/shards/*.json"))) == 2
+    # pickled into loader workers, the items still read (file handles are per process)
+    import pickle
+
+    again = pickle.loads(pickle.dumps(got))
+    torch.testing.assert_close(again[3]["image"], ref[3]["image"], atol=0, rtol=0)
+
+
+def test_disk_cache_with_masks(tmp_path):
+    from medmim.data.dataset import materialize
+
+    rng = np.random.default_rng(0)
+    recs = []
+    for i in range(3):
+        Image.fromarray((rng.random((30, 20)) * 255).astype(np.uint8)).save(tmp_path / f"i{i}.png")
+        Image.fromarray((rng.random((30, 20)) > 0.5).astype(np.uint8)).save(tmp_path / f"m{i}.png")
+        recs.append({"image": str(tmp_path / f"i{i}.png"), "mask": str(tmp_path / f"m{i}.png")})
+    cfg = load_config(None, ["data.image_size=16", "data.cache=disk", f"data.cache_dir={tmp_path / 'c'}"]).data
+    mem = materialize(recs, cfg.model_copy(update={"cache": "memory"}), "xray", with_mask=True)
+    disk = materialize(recs, cfg, "xray", with_mask=True)
+    for a, b in zip(mem, disk):
+        for k in ("image", "mask"):
+            torch.testing.assert_close(a[k], b[k], atol=0, rtol=0)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
 from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,12 +24,12 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 from monai import transforms as mt
-from monai.data import Dataset, PersistentDataset, list_data_collate
+from monai.data import Dataset, list_data_collate
 from torch.utils.data import DataLoader
 
 from medmim.config import Config, DataConfig
 from medmim.data import manifest as mf
-from medmim.data.cache import cache_dir_for, file_stamp
+from medmim.data.cache import SHARD_ITEMS, ShardStore, cache_dir_for, item_key, pack_entries, unpack_row
 from medmim.data.checks import channel_first, check_pair, validate
 from medmim.data.fastpath import FastChain2D
 from medmim.data.presets import DEFAULT_FOR_MODALITY, crop_transforms, intensity_transform, preset_transforms
@@ -41,7 +42,8 @@ from medmim.io import atomic_path
 log = logging.getLogger("medmim.data")
 
 __all__ = ["DataBundle", "prepare_data", "materialize", "make_loader", "set_loader_epoch", "augment_transforms",
-           "deterministic_transforms", "pretrain_transforms", "summarize", "intensity_transform"]
+           "deterministic_transforms", "pretrain_transforms", "summarize", "intensity_transform", "without_labels",
+           "run_chain"]
 
 # record keys that travel with an item through the deterministic transforms (dropped afterwards)
 _PASS_KEYS = ("series_id", "frame")
@@ -284,8 +286,9 @@ def _finish(item: dict, r: dict) -> dict:
     return out
 
 
-def _skip(r: dict, exc: Exception, dc: DataConfig, skipped: list[dict] | None) -> None:
-    info = describe_failure(r, exc)
+def _skip(r: dict, exc: Exception | dict, dc: DataConfig, skipped: list[dict] | None) -> None:
+    """Report an unusable record (``exc``: the exception, or its describe_failure info from a worker)."""
+    info = exc if isinstance(exc, dict) else describe_failure(r, exc)
     if dc.strict:
         raise DataError(f"{info['file']}: {info['reason']} (data.strict is true)") from None
     log.warning("skipping %s: %s", info["file"], info["reason"])
@@ -307,13 +310,151 @@ class LazyItems(SequenceABC):
         return _finish(self.det(_item_of(r, self.with_mask)), r)
 
 
+class CachedItems(SequenceABC):
+    """data.cache=disk: items read from the shard cache on every access (nothing held in memory but a
+    small table of offsets and the labels), so a 100,000-image set costs no more RAM than a small one."""
+
+    def __init__(self, store: ShardStore, table: np.ndarray, labels: list):
+        self.store, self.table, self.labels = store, table, labels
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        sid, ioff, ishape, moff, mshape = unpack_row(self.table[i])
+        out = {"image": self.store.read(sid, ioff, ishape)}
+        if mshape is not None:
+            out["mask"] = self.store.read(sid, moff, mshape)
+        return _finish(out, {"label": self.labels[i]})
+
+
+class WithoutLabels(SequenceABC):
+    """A view of items without their labels (self-supervised pretraining), computed on access."""
+
+    def __init__(self, items: Sequence[dict]):
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return {k: v for k, v in self.items[i].items() if k != "label"}
+
+
+def without_labels(items: Sequence[dict]) -> Sequence[dict]:
+    """Labels never enter pretraining batches; lazy item sequences stay lazy."""
+    return WithoutLabels(items)
+
+
+# ---- running the chain over many records: in-process or in ``data.num_workers`` processes ----------
+_WORKER: dict[str, Any] = {}
+PARALLEL_MIN_ITEMS = 32  # fewer items than this run in-process (a pool costs more than it saves)
+PROGRESS_MIN_ITEMS = 200  # a progress bar (stderr) for at least this many items
+
+
+def _worker_init(dc_dump: dict, preset: str, with_mask: bool) -> None:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    _WORKER["det"] = deterministic_transforms(DataConfig.model_validate(dc_dump), preset, with_mask)
+
+
+def _run_one(det, item: dict, where: str) -> tuple[bool, Any]:
+    """(True, {key: float32 array}) or (False, describe_failure info)."""
+    try:
+        out = det(dict(item))
+        return True, {k: out[k] for k in ("image", "mask") if k in out}
+    except Exception as exc:  # noqa: BLE001 - any reader failure is reported, then skipped
+        return False, describe_failure({"image": where}, exc)
+
+
+def _worker_run(chunk: list[tuple[int, dict, str]]) -> list[tuple[int, bool, Any]]:
+    det = _WORKER["det"]
+    out = []
+    for i, item, where in chunk:
+        ok, res = _run_one(det, item, where)
+        if ok:
+            res = {k: v.numpy() for k, v in res.items()}
+        out.append((i, ok, res))
+    return out
+
+
+def _mp_context():
+    import multiprocessing as mp
+
+    # fork is cheap; after CUDA was initialised only spawn is safe
+    if "fork" in mp.get_all_start_methods() and not torch.cuda.is_initialized():
+        return mp.get_context("fork")
+    return mp.get_context("spawn")
+
+
+class _Progress:
+    """A rich progress bar on stderr (only for long runs); a no-op otherwise."""
+
+    def __init__(self, total: int, desc: str, enabled: bool | None = None):
+        self.bar = None
+        if enabled is None:
+            enabled = total >= PROGRESS_MIN_ITEMS
+        if enabled:
+            from rich.console import Console
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                       TimeRemainingColumn)
+
+            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True),
+                                transient=False)
+            self.bar.start()
+            self.task = self.bar.add_task(desc, total=total)
+
+    def advance(self, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.advance(self.task, n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def run_chain(items: list[dict], wheres: list[str], dc: DataConfig, preset: str, with_mask: bool, *,
+              det=None, workers: int | None = None, progress: _Progress | None = None):
+    """Yield ``(index, ok, result)`` for every item, in order: the deterministic chain in-process, or
+    in ``workers`` processes (default ``data.num_workers``; one torch thread each) when there are
+    enough items. ``result``: {"image": tensor, "mask": tensor?} or a describe_failure dict."""
+    workers = dc.num_workers if workers is None else workers
+    if workers <= 1 or len(items) < PARALLEL_MIN_ITEMS:
+        det = det or deterministic_transforms(dc, preset, with_mask)
+        for i, item in enumerate(items):
+            ok, res = _run_one(det, item, wheres[i])
+            if progress:
+                progress.advance()
+            yield i, ok, res
+        return
+    from concurrent.futures import ProcessPoolExecutor
+
+    chunk = max(1, min(32, len(items) // (4 * workers)))
+    jobs = [[(i, items[i], wheres[i]) for i in range(a, min(a + chunk, len(items)))]
+            for a in range(0, len(items), chunk)]
+    with ProcessPoolExecutor(max_workers=workers, mp_context=_mp_context(), initializer=_worker_init,
+                             initargs=(dc.model_dump(), preset, with_mask)) as pool:
+        for results in pool.map(_worker_run, jobs):
+            for i, ok, res in results:
+                if ok:
+                    res = {k: torch.from_numpy(v) for k, v in res.items()}
+                yield i, ok, res
+            if progress:
+                progress.advance(len(results))
+
+
 def materialize(records: list[dict], dc: DataConfig, preset: str, with_mask: bool = False,
-                skipped: list[dict] | None = None) -> Sequence[dict]:
-    """Run the deterministic transforms per record, cached as ``dc.cache`` says:
+                skipped: list[dict] | None = None, progress: bool | None = None) -> Sequence[dict]:
+    """Run the deterministic transforms per record (in ``data.num_workers`` processes when > 1, with a
+    progress bar on stderr for long runs), cached as ``dc.cache`` says:
 
     * ``memory``: once per run, kept in memory;
-    * ``disk``: MONAI PersistentDataset under ``dc.cache_dir/<hash of the transform config>``, reused
-      across runs (a changed preset/geometry gets a new folder; a changed file a new entry);
+    * ``disk``: shards under ``dc.cache_dir/<hash of the transform config>`` (medmim.data.cache),
+      shared by every run, stage and study cell with the same chain; only missing items are computed;
+      items are read back from disk on access, so memory does not grow with the number of images;
     * ``none``: checked once (so bad files are skipped up front), then re-read on every access.
 
     Only the keys needed for training are kept (image, label, mask): patient identifiers and
@@ -330,35 +471,62 @@ def materialize(records: list[dict], dc: DataConfig, preset: str, with_mask: boo
             else torch.utils.data.ConcatDataset(parts)
     det = deterministic_transforms(dc, preset, with_mask)
     pairs = [(r, it) for r in records if (it := _item_of(r, with_mask)) is not None]
-    out: list[dict] = []
-    good: list[dict] = []
-    if dc.cache == "disk" and pairs:
-        for _r, it in pairs:
-            it["_stamp"] = file_stamp(it["image"]) + "|" + file_stamp(it.get("mask"))
-        ds = PersistentDataset([it for _r, it in pairs], transform=det,
-                               cache_dir=cache_dir_for(dc, preset, with_mask))
-        for i, (r, _it) in enumerate(pairs):
-            try:
-                out.append(_finish(ds[i], r))
-            except Exception as exc:  # noqa: BLE001 - any reader failure is reported, then skipped
-                _skip(r, exc, dc, skipped)
-    else:
-        for r, it in pairs:
-            try:
-                res = _finish(det(it), r)
-            except Exception as exc:  # noqa: BLE001
-                _skip(r, exc, dc, skipped)
-                continue
-            if dc.cache == "none":
-                good.append(r)
-            else:
-                out.append(res)
-    if dc.cache == "none" and pairs:
-        out = LazyItems(good, det, with_mask)  # type: ignore[assignment]
+    wheres = [str(r.get("source") or r.get("image")) for r, _ in pairs]
+    out: Sequence[dict]
+    bar = _Progress(len(pairs), f"preparing {len(pairs)} images", progress)
+    try:
+        if dc.cache == "disk" and pairs:
+            out = _materialize_disk(pairs, wheres, dc, preset, with_mask, det, skipped, bar)
+        else:
+            res_items: list[dict] = []
+            good: list[dict] = []
+            for i, ok, res in run_chain([it for _r, it in pairs], wheres, dc, preset, with_mask, det=det,
+                                        progress=bar):
+                r = pairs[i][0]
+                if not ok:
+                    _skip(r, res, dc, skipped)
+                elif dc.cache == "none":
+                    good.append(r)
+                else:
+                    res_items.append(_finish(res, r))
+            out = LazyItems(good, det, with_mask) if dc.cache == "none" else res_items
+    finally:
+        bar.close()
     if pairs and not len(out):
         raise DataError("no usable images left after skipping unreadable files"
                         + (f" (first: {skipped[0]['file']}: {skipped[0]['reason']})" if skipped else ""))
     return out
+
+
+def _materialize_disk(pairs, wheres, dc, preset, with_mask, det, skipped, bar) -> CachedItems:
+    store = ShardStore(cache_dir_for(dc, preset, with_mask))
+    keys = [item_key(it) for _r, it in pairs]
+    found = store.lookup(set(keys))
+    todo: dict[str, int] = {}
+    for i, k in enumerate(keys):
+        if k not in found and k not in todo:
+            todo[k] = i
+    bar.advance(len(pairs) - len(todo))
+    failed: dict[str, dict] = {}
+    order = list(todo.items())
+    for a in range(0, len(order), SHARD_ITEMS):  # one shard per block: memory stays bounded
+        block = order[a:a + SHARD_ITEMS]
+        entries = []
+        for j, ok, res in run_chain([pairs[i][1] for _k, i in block], [wheres[i] for _k, i in block], dc,
+                                    preset, with_mask, det=det, progress=bar):
+            if ok:
+                entries.append((block[j][0], res))
+            else:
+                failed[block[j][0]] = res
+        found.update(store.write(entries))
+    rows, labels = [], []
+    for (r, _it), k in zip(pairs, keys):
+        if k in failed:
+            _skip(r, failed[k], dc, skipped)
+            continue
+        rows.append(found[k])
+        labels.append(r.get("label"))
+    return CachedItems(store, pack_entries(rows), labels)
 
 
 class AugmentedDataset(Dataset):
