@@ -7,6 +7,7 @@ allowed. The resolved config (defaults + file + overrides) is saved in the run d
 from __future__ import annotations
 
 import difflib
+import os
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -22,13 +23,29 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def default_num_threads() -> int:
+    """The default ``run.num_threads``: the CPU cores this process may run on (its affinity mask, which
+    is what torch sees), capped by ``OMP_NUM_THREADS`` when that is set, so torch never runs more
+    threads than there are cores for it."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        n = os.cpu_count() or 1
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if env.isdigit() and int(env) >= 1:
+        n = min(n, int(env))
+    return max(1, n)
+
+
 class RunConfig(Section):
     name: str = "run"
     seed: int = 0
     out_dir: str = "runs"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
-    num_threads: int = Field(2, ge=1)  # CPU threads; fixed so results repeat
+    # CPU threads (torch intra-op); default: the cores available, capped by OMP_NUM_THREADS. Set it to
+    # fix results across machines; data.num_workers processes run one thread each
+    num_threads: int = Field(default_factory=default_num_threads, ge=1)
     tensorboard: bool = True  # TensorBoard events in <run>/tb when the tensorboard package is installed
 
 
@@ -254,7 +271,7 @@ class AnomalyConfig(Section):
 
 
 class Config(Section):
-    run: RunConfig = RunConfig()
+    run: RunConfig = Field(default_factory=RunConfig)  # its thread default is read when a config is made
     data: DataConfig = DataConfig()
     encoder: EncoderConfig = EncoderConfig()
     pretrain: PretrainConfig = PretrainConfig()

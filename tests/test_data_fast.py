@@ -212,3 +212,46 @@ def test_disk_cache_with_masks(tmp_path):
     for a, b in zip(mem, disk):
         for k in ("image", "mask"):
             torch.testing.assert_close(a[k], b[k], atol=0, rtol=0)
+
+
+# ---- threads -------------------------------------------------------------------------------------
+def test_default_threads_never_exceed_cores_or_omp(monkeypatch):
+    import os
+
+    from medmim.config import default_num_threads
+
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert default_num_threads() == cores
+    assert load_config(None, []).run.num_threads == cores
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert default_num_threads() == 1 and load_config(None, []).run.num_threads == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", str(cores + 7))
+    assert default_num_threads() == cores
+    monkeypatch.setenv("OMP_NUM_THREADS", "junk")
+    assert default_num_threads() == cores
+
+
+def test_data_check_honours_num_threads_and_workers(tmp_path, capsys):
+    import csv
+
+    from medmim.cli import main
+
+    recs = _png_records(tmp_path, 36)
+    manifest = tmp_path / "m.csv"
+    with open(manifest, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=["image", "label", "patient_id"])
+        w.writeheader()
+        w.writerows({k: r[k] for k in ("image", "label", "patient_id")} for r in recs)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        code = main(["data", "check", "data.source=manifest", f"data.path={manifest}", "data.image_size=16",
+                     "run.num_threads=1", "data.num_workers=2", "data.val_fraction=0.2", "data.test_fraction=0.2",
+                     f"run.out_dir={tmp_path / 'runs'}"])
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    assert code == 0
+    out = capsys.readouterr().out
+    assert '"skipped": 1' in out and "broken.png" in (tmp_path / "runs" / "run" / "skipped.csv").read_text()

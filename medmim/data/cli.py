@@ -54,7 +54,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     c.add_argument("--label-names", default=None, help='JSON mapping, e.g. \'{"0": "normal", "1": "pneumonia"}\'')
     c.set_defaults(handler=cmd_card)
 
-    k = sub.add_parser("check", help="read every image of a config once; list unreadable files (skipped.csv)")
+    k = sub.add_parser("check", help="read every image of a config once (in data.num_workers processes, "
+                       "run.num_threads threads); list unreadable files (skipped.csv)")
     k.add_argument("-c", "--config", default=None)
     k.add_argument("overrides", nargs="*", metavar="key=value")
     k.add_argument("--out", default=None, help="skipped.csv path (default: runs/<run.name>/skipped.csv)")
@@ -113,10 +114,13 @@ def cmd_manifest(args) -> int:
 
 
 def _config_records(config, overrides):
+    import torch
+
     from medmim.config import load_config
     from medmim.data.dataset import prepare_data
 
     cfg = load_config(config, overrides)
+    torch.set_num_threads(cfg.run.num_threads)  # run.num_threads holds for every verb
     bundle = prepare_data(cfg)
     return cfg, bundle
 
@@ -157,9 +161,11 @@ def cmd_check(args) -> int:
     from medmim.data.dataset import materialize
 
     cfg, bundle = _config_records(args.config, args.overrides)
+    # a disk cache is filled on the way (later runs reuse it); otherwise nothing is kept in memory
+    dc = cfg.data if cfg.data.cache == "disk" else cfg.data.model_copy(update={"cache": "none"})
     counts = {}
     for split in ("train", "val", "test"):
-        items = materialize(bundle.split(split), cfg.data, bundle.preset, with_mask=args.mask,
+        items = materialize(bundle.split(split), dc, bundle.preset, with_mask=args.mask,
                             skipped=bundle.skipped) if bundle.split(split) else []
         counts[split] = len(items)
     out = Path(args.out) if args.out else Path(cfg.run.out_dir) / cfg.run.name / "skipped.csv"

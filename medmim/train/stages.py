@@ -14,7 +14,8 @@ from typing import Any, Callable
 import torch
 
 from medmim.config import Config
-from medmim.data.dataset import DataBundle, augment_transforms, make_loader, materialize, pretrain_transforms
+from medmim.data.dataset import (DataBundle, augment_transforms, make_loader, materialize, pretrain_transforms,
+                                 without_labels)
 from medmim.data.splits import label_fraction
 from medmim.errors import MedmimError
 from medmim.eval.model_card import write_model_card
@@ -47,8 +48,7 @@ def pretrain_stage(cfg: Config, data: DataBundle, run: RunDir, runtime: Runtime,
     pc = cfg.pretrain
     records = data.pretrain_records(include_test=cfg.data.pretrain_on_test)
     # self-supervised: labels never enter pretraining batches
-    items = [{k: v for k, v in it.items() if k != "label"}
-             for it in materialize(records, cfg.data, data.preset, skipped=data.skipped)]
+    items = without_labels(materialize(records, cfg.data, data.preset, skipped=data.skipped))  # stays lazy
     info = current()
     loader = make_loader(items, pc.batch_size, shuffle=True, seed=cfg.run.seed,
                          augment=augment_transforms(cfg.data, False, stage="pretrain") if pc.method == "simclr"
