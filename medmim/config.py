@@ -107,6 +107,9 @@ class DataConfig(Section):
     random_resized_crop: bool = False  # pretraining crop holding crop_scale of the image, resized back
     crop_scale: list[float] = [0.5, 1.0]
     patch_samples: int = Field(0, ge=0)  # pretraining: this many random image_size patches per image
+    # augmentation: "batch" runs it on whole batches on the training device (medmim.data.augment), with the
+    # distribution of the per-sample MONAI chain; "sample" runs that chain per item in the loader
+    augment: Literal["batch", "sample"] = "batch"
     split_file: Optional[str] = None  # patient -> split JSON: written on first use, reused afterwards
     phantoms: PhantomConfig = PhantomConfig()
     # extra images for pretraining only (folders, DICOM folders, manifests, npz files); content-hashed

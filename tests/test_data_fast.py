@@ -255,3 +255,152 @@ def test_data_check_honours_num_threads_and_workers(tmp_path, capsys):
     assert code == 0
     out = capsys.readouterr().out
     assert '"skipped": 1' in out and "broken.png" in (tmp_path / "runs" / "run" / "skipped.csv").read_text()
+
+
+# ---- batched augmentation ------------------------------------------------------------------------
+from scipy import stats  # noqa: E402
+
+from medmim.data import augment as aug  # noqa: E402
+
+
+def _blob(shape, seed=0):
+    rng = np.random.default_rng(seed)
+    img = np.zeros(shape, np.float32)
+    sl = tuple(slice(s // 5, s // 2 + 3) for s in shape)
+    img[sl] = 1.0
+    return torch.as_tensor(img + 0.2 * rng.random(shape).astype(np.float32))[None]
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_batch_affine_equals_monai_affine(dims):
+    from monai import transforms as mt
+
+    shape = (24, 20) if dims == 2 else (12, 10, 14)
+    ba = aug.BatchAugment(dims, shape[0])
+    imgs = torch.stack([_blob(shape, s) for s in range(3)])
+    params = [(0.15, 1.08, [2.5, -1.0, 1.5][:dims]), (-0.1, 0.93, [-3.0, 0.4, 0.0][:dims]), (0.0, 1.0, [0.0] * dims)]
+    p = {"angle": np.array([a for a, _, _ in params]), "scale0": np.array([s for _, s, _ in params]),
+         "shift": np.array([t for _, _, t in params])}
+    out = ba.apply_affine(imgs, torch.as_tensor(ba.affine_matrices(p)))
+    for b, (angle, scale, shift) in enumerate(params):
+        ref = mt.Affine(rotate_params=[angle] if dims == 2 else [angle, 0.0, 0.0], scale_params=[scale],
+                        translate_params=shift, padding_mode="zeros", mode="bilinear", image_only=True)(imgs[b])
+        torch.testing.assert_close(out[b], torch.as_tensor(ref), atol=1e-5, rtol=0)
+    masks = (imgs > 0.9).float()
+    out_m = ba.apply_affine(masks, torch.as_tensor(ba.affine_matrices(p)), mode="nearest")
+    ref_m = mt.Affine(rotate_params=[0.15] if dims == 2 else [0.15, 0.0, 0.0], scale_params=[1.08],
+                      translate_params=[2.5, -1.0, 1.5][:dims], padding_mode="zeros", mode="nearest",
+                      image_only=True)(masks[0])
+    assert float((out_m[0] != torch.as_tensor(ref_m)).float().mean()) < 0.01  # ties at exact half-voxels aside
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_batch_crop_equals_random_resized_crop(dims):
+    from monai import transforms as mt
+
+    shape = (30, 22) if dims == 2 else (14, 12, 16)
+    size = 16 if dims == 2 else 10
+    ba = aug.BatchAugment(dims, size, crop=True)
+    imgs = torch.stack([_blob(shape, s) for s in range(2)])
+    frac = np.array([[0.7, 0.9, 0.8][:dims], [1.0, 0.5, 0.6][:dims]])
+    start = np.array([[0.3, 0.8, 0.1][:dims], [0.0, 1.0, 0.5][:dims]])
+    out = ba.apply_crop(imgs, frac, start)
+    for b in range(2):  # presets.RandResizedCropd.__call__ with these fractions and starts
+        sl = [slice(None)]
+        for n, f, st in zip(shape, frac[b], start[b]):
+            k = max(1, int(round(n * f)))
+            a = int(round(st * (n - k)))
+            sl.append(slice(a, a + k))
+        ref = mt.Resize((size,) * dims, mode="bilinear" if dims == 2 else "trilinear")(imgs[b][tuple(sl)])
+        torch.testing.assert_close(out[b], torch.as_tensor(ref), atol=1e-5, rtol=0)
+
+
+def _monai_params(n_draws, dims=2, size=32):
+    from medmim.data.dataset import augment_transforms
+
+    dc = load_config(None, [f"data.image_size={size}", f"data.spatial_dims={dims}"]).data
+    chain = augment_transforms(dc, False)
+    rd, ri = chain.transforms[0], chain.transforms[1]  # RandAffined (its prob), RandScaleIntensityd
+    rd.set_random_state(0)
+    ri.set_random_state(1)
+    rows = []
+    for _ in range(n_draws):
+        rd.randomize(None)
+        rd.rand_affine.randomize()  # as RandAffined.__call__ does
+        g = rd.rand_affine.rand_affine_grid
+        assert len(g.scale_params) == 1  # MONAI: a scalar scale_range jitters the first axis only
+        ri.randomize(None)
+        ri.scaler.randomize(None)
+        rows.append((rd._do_transform, g.rotate_params[0], g.scale_params[0], *g.translate_params,
+                     ri._do_transform, 1 + ri.scaler.factor))
+    return np.array(rows, dtype=np.float64)
+
+
+def test_batch_augment_parameters_follow_the_monai_distribution():
+    n = 3000
+    ref = _monai_params(n)
+    ours = aug.BatchAugment(2, 32, seed=5).params(np.arange(n), epoch=3)
+    got = np.column_stack([ours["affine_on"], ours["angle"], ours["scale0"], ours["shift"], ours["intensity_on"],
+                           ours["factor"]])
+    for col, prob in ((0, aug.AFFINE_PROB), (5, aug.INTENSITY_PROB)):  # the probabilities (binomial, 4.5 sigma)
+        sigma = np.sqrt(prob * (1 - prob) / n)
+        assert abs(ref[:, col].mean() - prob) < 4.5 * sigma and abs(got[:, col].mean() - prob) < 4.5 * sigma
+    for col in (1, 2, 3, 4, 6):  # angle, scale, shift y, shift x, intensity factor
+        assert stats.ks_2samp(ref[:, col], got[:, col]).pvalue > 1e-3, col
+    # the test has power: a wider rotation range is told apart
+    wide = aug.BatchAugment(2, 32, seed=5, rotate=0.25).params(np.arange(n), epoch=3)
+    assert stats.ks_2samp(ref[:, 1], wide["angle"]).pvalue < 1e-6
+    # parameters are a function of (seed, epoch, index) only
+    again = aug.BatchAugment(2, 32, seed=5).params(np.arange(n)[::-1].copy(), epoch=3)
+    np.testing.assert_array_equal(again["angle"][::-1], ours["angle"])
+    assert not np.array_equal(aug.BatchAugment(2, 32, seed=5).params(np.arange(n), epoch=4)["angle"], ours["angle"])
+
+
+def test_batch_crop_parameters_follow_random_resized_crop():
+    from medmim.data.presets import RandResizedCropd
+
+    n = 2000
+    rrc = RandResizedCropd(["image"], (16, 16), scale=(0.5, 1.0))
+    rrc.set_random_state(0)
+    ref = []
+    for _ in range(n):
+        rrc.randomize(2)
+        ref.append([*rrc._fracs, *rrc._starts])
+    ref = np.array(ref)
+    p = aug.BatchAugment(2, 16, crop=True, seed=1).params(np.arange(n), epoch=0)
+    got = np.column_stack([p["crop_frac"], p["crop_start"]])
+    for col in range(4):
+        assert stats.ks_2samp(ref[:, col], got[:, col]).pvalue > 1e-3, col
+
+
+def _image_stats(x):
+    x = x[:, 0].double()
+    h, w = x.shape[1:]
+    yy, xx = torch.meshgrid(torch.arange(h).double(), torch.arange(w).double(), indexing="ij")
+    mass = x.sum((1, 2))
+    return np.column_stack([x.mean((1, 2)).numpy(), ((x * yy).sum((1, 2)) / mass).numpy(),
+                            ((x * xx).sum((1, 2)) / mass).numpy(), x.std((1, 2)).numpy()])
+
+
+def test_batched_and_per_sample_augmentation_give_the_same_image_statistics():
+    from medmim.data.augment import augment_batch
+    from medmim.data.dataset import augment_transforms, make_loader, set_loader_epoch
+
+    n, size = 600, 24
+    items = [{"image": _blob((size, size), 0)} for _ in range(n)]
+    stats_of = {}
+    for mode in ("sample", "batch"):
+        dc = load_config(None, [f"data.image_size={size}", f"data.augment={mode}"]).data
+        chain = augment_transforms(dc, False)
+        assert (chain.batch is not None) == (mode == "batch")
+        loader = make_loader(items, 100, shuffle=False, seed=0, augment=chain, for_eval=False)
+        set_loader_epoch(loader, 1)
+        out = [augment_batch(loader, b)["image"] for b in loader]
+        stats_of[mode] = _image_stats(torch.cat(out))
+    for col in range(4):  # mean, centroid row, centroid column, contrast
+        assert stats.ks_2samp(stats_of["sample"][:, col], stats_of["batch"][:, col]).pvalue > 1e-3, col
+    # power: a doubled translation range is told apart on the centroids
+    wide = aug.BatchAugment(2, size, translate=2 * aug.TRANSLATE)
+    x = torch.stack([it["image"] for it in items])
+    moved = _image_stats(wide({"image": x, aug.INDEX_KEY: torch.arange(n)}, epoch=1)["image"])
+    assert min(stats.ks_2samp(stats_of["sample"][:, c], moved[:, c]).pvalue for c in (1, 2)) < 1e-4

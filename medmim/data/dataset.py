@@ -28,6 +28,7 @@ from monai.data import Dataset, list_data_collate
 from torch.utils.data import DataLoader
 
 from medmim.config import Config, DataConfig
+from medmim.data import augment as aug
 from medmim.data import manifest as mf
 from medmim.data.cache import SHARD_ITEMS, ShardStore, cache_dir_for, item_key, pack_entries, unpack_row
 from medmim.data.checks import channel_first, check_pair, validate
@@ -222,34 +223,57 @@ def deterministic_transforms(dc: DataConfig, preset: str, with_mask: bool, fast:
     return DeterministicChain(chain, fast=fast_path)
 
 
-def augment_transforms(dc: DataConfig, with_mask: bool, stage: str = "finetune") -> mt.Compose:
+class AugmentChain(mt.Compose):
+    """A per-sample MONAI augmentation chain (the definition) with its batched equivalent ``batch``
+    (a medmim.data.augment.BatchAugment, or None where only the per-sample chain applies).
+    ``make_loader`` runs ``batch`` on the training device when there is one and ``data.augment`` is
+    "batch"; the loop applies it (medmim.data.augment.augment_batch)."""
+
+    def __init__(self, transforms, batch=None):
+        super().__init__(transforms)
+        self.batch = batch
+
+
+def _batchable(dc: DataConfig, stage: str) -> bool:
+    """Batched augmentation needs equal-size items (a size mode) and no multi-patch sampling."""
+    return dc.augment == "batch" and dc.resize != "none" and not (stage == "pretrain" and dc.patch_samples)
+
+
+def augment_transforms(dc: DataConfig, with_mask: bool, stage: str = "finetune") -> AugmentChain:
     """Light, medically plausible augmentation: small affine jitter, intensity scale; plus the
-    pretraining crops switched on in the config (``stage="pretrain"``)."""
+    pretraining crops switched on in the config (``stage="pretrain"``). Parameters: medmim.data.augment."""
     keys = ["image", "mask"] if with_mask else ["image"]
     size = (dc.image_size,) * dc.spatial_dims
-    rot = (0.17,) if dc.spatial_dims == 2 else (0.17, 0.0, 0.0)
+    rot = (aug.ROTATE,) if dc.spatial_dims == 2 else (aug.ROTATE, 0.0, 0.0)
     chain = [
-        mt.RandAffined(keys, prob=0.7, rotate_range=rot, scale_range=0.1,
-                       translate_range=[0.06 * dc.image_size] * dc.spatial_dims, padding_mode="zeros",
+        mt.RandAffined(keys, prob=aug.AFFINE_PROB, rotate_range=rot, scale_range=aug.SCALE,
+                       translate_range=[aug.TRANSLATE * dc.image_size] * dc.spatial_dims, padding_mode="zeros",
                        mode=["bilinear", "nearest"][: len(keys)]),
-        mt.RandScaleIntensityd(["image"], factors=0.1, prob=0.5),
+        mt.RandScaleIntensityd(["image"], factors=aug.INTENSITY, prob=aug.INTENSITY_PROB),
     ]
     if dc.patch_samples == 0 or stage != "pretrain":
         chain.append(mt.Resized(keys, spatial_size=size,
                                 mode=["area" if dc.spatial_dims == 2 else "trilinear", "nearest"][: len(keys)]))
+    crop = stage == "pretrain" and dc.random_resized_crop
     if stage == "pretrain":
         chain = crop_transforms(keys, dc.spatial_dims, dc.image_size, random_resized_crop=dc.random_resized_crop,
                                 crop_scale=dc.crop_scale, patch_samples=dc.patch_samples) + chain
-    return mt.Compose(chain)
+    batch = aug.BatchAugment(dc.spatial_dims, dc.image_size, crop=crop, crop_scale=dc.crop_scale) \
+        if _batchable(dc, stage) else None
+    return AugmentChain(chain, batch=batch)
 
 
-def pretrain_transforms(dc: DataConfig, with_mask: bool = False) -> mt.Compose | None:
+def pretrain_transforms(dc: DataConfig, with_mask: bool = False) -> AugmentChain | None:
     """The pretraining crops the config switches on (random resized crop with ``crop_scale``,
     ``patch_samples`` random patches of ``image_size``), or None when both are off."""
     keys = ["image", "mask"] if with_mask else ["image"]
     chain = crop_transforms(keys, dc.spatial_dims, dc.image_size, random_resized_crop=dc.random_resized_crop,
                             crop_scale=dc.crop_scale, patch_samples=dc.patch_samples)
-    return mt.Compose(chain) if chain else None
+    if not chain:
+        return None
+    batch = aug.BatchAugment(dc.spatial_dims, dc.image_size, crop=True, crop_scale=dc.crop_scale, affine=False,
+                             intensity=False) if _batchable(dc, "pretrain") else None
+    return AugmentChain(chain, batch=batch)
 
 
 def describe_failure(record: dict, exc: Exception) -> dict:
@@ -534,17 +558,22 @@ class AugmentedDataset(Dataset):
     so it does not depend on which rank or worker reads it, in what order, or whether a resumed run
     skipped the batches before it."""
 
-    def __init__(self, items: Sequence[dict], transform: mt.Compose | None, seed: int):
+    def __init__(self, items: Sequence[dict], transform: mt.Compose | None, seed: int, batch_augment=None):
         super().__init__(items, transform=None)
         self.random = transform
         self.seed = seed
         self.epoch = 0
+        # batched augmentation (applied by the loop on the device): items carry their index instead
+        self.batch_augment = batch_augment
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __getitem__(self, index):
         item = dict(self.data[index])
+        if self.batch_augment is not None:
+            item[aug.INDEX_KEY] = int(index)
+            return item
         if self.random is None:
             return item
         state = np.random.SeedSequence([self.seed % (2**32), self.epoch, int(index)]).generate_state(1)[0]
@@ -562,11 +591,22 @@ def make_loader(items: Sequence[dict], batch_size: int, *, shuffle: bool, seed: 
     Evaluation loaders (``for_eval``; default: neither shuffled nor dropping the last batch) give
     each rank a contiguous unpadded shard instead, so gathered predictions are exact and in order.
     Transforms that return several samples per item (patch sampling) are flattened into the batch
-    (MONAI list_data_collate).
+    (MONAI list_data_collate). An ``augment`` with a batched equivalent (``AugmentChain.batch``) is
+    not run per sample: batches carry each sample's index, and the training loop augments the whole
+    batch on its device (medmim.data.augment.augment_batch), with parameters seeded by
+    (seed, epoch, index) as the per-sample chain is.
     """
+    import copy
+
     from medmim.data.samplers import GlobalBatchSampler, ShardBatchSampler
 
-    ds = AugmentedDataset(items, augment, seed)
+    batch_aug = getattr(augment, "batch", None)
+    if batch_aug is not None:
+        batch_aug = copy.copy(batch_aug)
+        batch_aug.seed = seed
+        ds = AugmentedDataset(items, None, seed, batch_augment=batch_aug)
+    else:
+        ds = AugmentedDataset(items, augment, seed)
     if for_eval is None:
         for_eval = not shuffle and not drop_last
     if for_eval:

@@ -39,6 +39,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from medmim.config import OptimSettings, RunConfig
+from medmim.data.augment import augment_batch
 from medmim.data.dataset import set_loader_epoch
 from medmim.errors import MedmimError
 from medmim.io import safe_torch_load, save_checkpoint, write_json
@@ -251,7 +252,9 @@ class _Fit:
         t_start, data0 = time.perf_counter(), self.timer.s["data"]
         self.optimizer.zero_grad(set_to_none=True)
         for i, batch in enumerate(_timed_batches(_batches_from(self.loader, first), self.timer), start=first):
-            batch = to_device(batch, self.runtime.device)
+            t_aug = time.perf_counter()  # batched augmentation on the device (medmim.data.augment) is data time
+            batch = augment_batch(self.loader, to_device(batch, self.runtime.device))
+            self.timer.add("data", time.perf_counter() - t_aug)
             last_micro = (i + 1) % accum == 0 or i + 1 == n_batches
             sync = nullcontext() if (last_micro or not info.enabled) else self.ddp_model.no_sync()
             with sync:
