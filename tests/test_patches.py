@@ -83,3 +83,21 @@ def test_accepts_generator():
             return x
 
     assert accepts_generator(A()) and not accepts_generator(B())
+
+
+@pytest.mark.parametrize("grid,dim", [((4, 6), 32), ((3, 4, 5), 48)])
+def test_sincos_position_embedding_is_monais_with_the_axis_blocks_in_grid_order(grid, dim):
+    """medmim's fixed sin-cos embedding equals MONAI's build_sincos_position_embedding up to the
+    order of the per-axis channel blocks: MONAI writes axis 1 first, then axis 0 (then axis 2);
+    medmim writes the axes in grid order, and also serves dims MONAI refuses (zero-padded)."""
+    from monai.networks.blocks.pos_embed_utils import build_sincos_position_embedding
+
+    from medmim.models.vit import sincos_position_embedding
+
+    d = len(grid)
+    ref = build_sincos_position_embedding(list(grid), dim, spatial_dims=d).detach()[0].double()
+    k = dim // (2 * d)  # channels per (axis, sin|cos)
+    blocks = ref.split(2 * k, dim=1)  # MONAI: [axis1, axis0, axis2]
+    ref_grid_order = torch.cat([blocks[1], blocks[0], *blocks[2:]], 1)
+    torch.testing.assert_close(sincos_position_embedding(grid, dim).double(), ref_grid_order, rtol=0, atol=1e-6)
+    assert sincos_position_embedding((4, 4, 4), 128)[:, 126:].abs().max() == 0  # 128 % 6 != 0: padded

@@ -45,17 +45,19 @@ class PretrainTask(Task):
 
 
 def focal_loss(logits, target, gamma: float = 2.0, weight=None):
-    logp = F.log_softmax(logits, dim=1)
-    ce = F.nll_loss(logp, target, weight=weight, reduction="none")
-    pt = logp.gather(1, target[:, None]).squeeze(1).exp()
-    return ((1 - pt) ** gamma * ce).mean()
+    """Softmax focal loss, the mean over samples of ``weight[y] * (1 - p_y)^gamma * -log p_y``:
+    MONAI's ``FocalLoss`` (per-class terms, summed over classes, where only the target's is non-zero)."""
+    from monai.losses import FocalLoss
+
+    fl = FocalLoss(gamma=gamma, weight=weight, use_softmax=True, to_onehot_y=True, reduction="none")
+    return fl(logits, target[:, None]).sum(1).mean()
 
 
 def binary_focal_loss(logits, target, gamma: float = 2.0):
-    """Focal loss for sigmoid outputs (multi-label), mean over elements."""
-    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
-    pt = torch.exp(-bce)
-    return ((1 - pt) ** gamma * bce).mean()
+    """Focal loss for sigmoid outputs (multi-label), mean over elements: MONAI's sigmoid ``FocalLoss``."""
+    from monai.losses import FocalLoss
+
+    return FocalLoss(gamma=gamma, use_softmax=False, reduction="mean")(logits, target)
 
 
 class SupervisedTask(Task):
