@@ -1,6 +1,9 @@
-"""Encoders, pretexts and heads, built by name from the config.
+"""Models: the layer after data -> masking, before train. Encoders, pretexts and heads, built by
+name from the config.
 
-See docs/contracts.md for the Encoder and Pretext contracts every model here meets.
+The contracts are declared in ``protocols.py`` (Encoder, TokenEncoder, MaskedCNN, ``is_vit``) and
+described in docs/contracts.md; ``patches.py`` holds the patch helpers every pretext shares;
+``sparse/`` runs masked CNNs (masked-dense reference, torch block kernel, optional spconv).
 """
 
 from __future__ import annotations
