@@ -61,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init", default=None, help="weights to start from: a .safetensors export, 'scratch' "
                    "(default: finetune.init from the config)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted fine-tuning run")
+    _add_init_args(p)
 
     p = sub.add_parser("evaluate", help="evaluate a fine-tuned run's best checkpoint on a split of its own data",
                        description="Reads the run's own config.yaml and recorded preset (never writes into the run) "
@@ -79,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Pretrains each method in study.inits once, then fine-tunes every cell of the "
                        "grid. Finished cells are never redone: rerun the same command to resume.")
     _add_config_args(p)
+    _add_init_args(p)
 
     p = sub.add_parser("predict", help="run a fine-tuned model on image files or folders (CSV of probabilities "
                        "or segmentation masks)",
@@ -107,10 +109,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_init_args(p: argparse.ArgumentParser) -> None:
+    """Options for public pretrained weights (docs/finetune.md); they set finetune.init_* keys."""
+    p.add_argument("--inflate", action="store_true", help="2D weights into a 3D encoder: inflate the kernels "
+                   "(finetune.init_inflate=true)")
+    p.add_argument("--allow-partial", action="store_true", help="fine-tune even when some encoder weights are "
+                   "not in the file (finetune.init_allow_partial=true)")
+
+
 def _cfg(args):
     from medmim.config import load_config
 
-    return load_config(args.config, args.overrides)
+    extra = [f"finetune.init_{k}=true" for k in ("inflate", "allow_partial") if getattr(args, k, False)]
+    return load_config(args.config, [*args.overrides, *extra])
 
 
 def cmd_demo(args) -> int:

@@ -182,6 +182,10 @@ class PretrainConfig(OptimSettings):
 class FinetuneConfig(OptimSettings):
     mode: Literal["linear", "full"] = "full"
     init: str = "pretrained"  # "pretrained" (this run's export), "scratch", or a weights path
+    # public weights (MAE, SparK, timm, torchvision layouts; medmim.models.pretrained): 2D weights into
+    # a 3D encoder (--inflate), and fine-tune even when some encoder weights stay unset (--allow-partial)
+    init_inflate: bool = False
+    init_allow_partial: bool = False
     label_fraction: float = Field(1.0, gt=0, le=1)
     # labels used for model selection: "all" of the val split (the usual benchmark protocol), or
     # "fraction": the val split reduced by label_fraction too (nested, stratified; strict low-label)

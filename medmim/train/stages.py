@@ -24,7 +24,7 @@ from medmim.models import build_pretext, encoder_from_config
 from medmim.models.export import WEIGHTS_NAME, export_encoder
 from medmim.eval.recon_grid import save_recon_grid
 from medmim.models.heads import Classifier, layer_decay_groups
-from medmim.models.monai_compat import load_init_weights
+from medmim.models.pretrained import load_pretrained
 from medmim.models.protocols import accepts_generator
 from medmim.io import safe_torch_load
 from medmim.train.distributed import current
@@ -191,7 +191,8 @@ def supervised_stage(head: SupervisedHead, cfg: Config, data: DataBundle, run: R
     encoder = build_encoder_for(cfg)
     report = None
     if init is not None:
-        report = load_init_weights(encoder, init, verbose=True)  # the strict key report, printed
+        # any layout (medmim, MONAI, MAE, SparK, timm, torchvision); the key report is printed
+        report = load_pretrained(encoder, init, inflate=fc.init_inflate, allow_partial=fc.init_allow_partial)
         log(f"[{head.stage}] init from {Path(init).name}: {report.summary().splitlines()[0]}")
         if not report.matched:
             raise MedmimError(f"{init}: no weights matched the encoder ({cfg.encoder.name})")
