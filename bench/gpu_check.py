@@ -558,14 +558,18 @@ def section_bf16(out: dict, device, sizes) -> dict:
 
     rows = out["rows"]
     s = sizes["bf16"]["mae"]
-    torch.manual_seed(0)
-    model, _ = medmim_mae(s)
-    model.to(device)
-    x = torch.randn(s["batch"], 1, *[s["img"]] * s["sd"], device=device)
-    rows.append(_loss_pair(f"MAE ViT {s['enc'][0]}x{s['enc'][1]} {s['sd']}D {s['batch']}x{s['img']}^{s['sd']}",
-                           lambda: model(x, generator=torch.Generator().manual_seed(0))["loss"],
-                           model, device))
-    del model
+    name = f"MAE ViT {s['enc'][0]}x{s['enc'][1]} {s['sd']}D {s['batch']}x{s['img']}^{s['sd']}"
+    try:  # each model is one row, an error too
+        torch.manual_seed(0)
+        model, _ = medmim_mae(s)
+        model.to(device)
+        x = torch.randn(s["batch"], 1, *[s["img"]] * s["sd"], device=device)
+        rows.append(_loss_pair(name, lambda: model(x, generator=torch.Generator().manual_seed(0))["loss"],
+                               model, device))
+    except Exception as exc:  # noqa: BLE001
+        rows.append({"model": name, "error": _one_line(exc)})
+    model = None
+    _free(device)
     s = sizes["bf16"]["spark"]
     for label, (backend, kw) in {"masked-dense": ("dense", {}), **sparse_variants()}.items():
         torch.manual_seed(0)
@@ -580,7 +584,8 @@ def section_bf16(out: dict, device, sizes) -> dict:
             rows.append(_loss_pair(name, lambda: m(x, mask=mask)["loss"], m, device))
         except Exception as exc:  # noqa: BLE001 - a variant without bf16 kernels is one row
             rows.append({"model": name, "error": _one_line(exc)})
-        del m
+        m = None
+        _free(device)
     return {"rows": rows, "notes": [f"pass: both losses and gradient norms finite and |bf16 - fp32| / fp32 loss "
                                     f"<= {TOL_BF16:g}; fp32 rows with TF32 off; batch norm in eval mode so "
                                     "both passes see the same statistics"]}
