@@ -67,6 +67,35 @@ def test_ssim_map_matches_skimage_inside():
         assert torch.allclose(ssim_map(x, x), torch.ones_like(x), atol=1e-5)
 
 
+@pytest.mark.parametrize("sigma", [0.5, 1.5, 2.0])
+def test_ssim_map_matches_skimage_everywhere_on_reflect_padded_input(sigma):
+    """MONAI's SSIM on reflect-padded input: the whole map equals scikit-image's on the same padding."""
+    from skimage.metrics import structural_similarity
+
+    rng = np.random.default_rng(1)
+    a = rng.random((28, 24))
+    b = np.clip(a + 0.15 * rng.standard_normal(a.shape), 0, 1)
+    r = max(1, int(3.5 * sigma + 0.5))
+    pa, pb = np.pad(a, r, mode="reflect"), np.pad(b, r, mode="reflect")  # numpy's reflect = torch's
+    _, ref = structural_similarity(pa, pb, gaussian_weights=True, sigma=sigma, truncate=3.5,
+                                   use_sample_covariance=False, data_range=1.0, full=True)
+    ours = ssim_map(torch.tensor(a)[None, None], torch.tensor(b)[None, None], sigma=sigma)[0, 0].numpy()
+    assert ours.shape == a.shape
+    assert np.allclose(ours, ref[r:-r, r:-r], atol=2e-4)
+
+
+@pytest.mark.parametrize("shape,sigma", [((2, 1, 28, 28), 1.0), ((1, 2, 12, 10), 0.5), ((1, 1, 10, 12, 9), 1.5)])
+def test_gaussian_filter_matches_scipy(shape, sigma):
+    from scipy import ndimage
+
+    x = torch.rand(shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    ours = gaussian_filter(x, sigma).numpy()
+    for b in range(shape[0]):
+        for c in range(shape[1]):
+            ref = ndimage.gaussian_filter(x[b, c].numpy(), sigma, mode="mirror", truncate=3.5)
+            assert np.allclose(ours[b, c], ref, atol=1e-6)
+
+
 def test_gaussian_filter_preserves_mean_and_image_scores():
     x = torch.zeros(1, 1, 21, 21)
     x[0, 0, 10, 10] = 1

@@ -68,53 +68,47 @@ def upsample_mask(mask: torch.Tensor, patch: int) -> torch.Tensor:
     return out
 
 
-# ---- Gaussian filtering and SSIM ----------------------------------------------------------------
+# ---- Gaussian filtering and SSIM (MONAI's) ------------------------------------------------------
+def _pad_mode(x: torch.Tensor, radius: int) -> str:
+    """Reflect padding, or edge replication where an axis is too short to reflect ``radius``."""
+    return "reflect" if min(x.shape[2:]) > radius else "replicate"
+
+
 def gaussian_kernel1d(sigma: float, truncate: float = 3.5, dtype=torch.float32) -> torch.Tensor:
-    radius = max(1, int(truncate * sigma + 0.5))
-    t = torch.arange(-radius, radius + 1, dtype=torch.float64)
-    k = torch.exp(-0.5 * (t / sigma) ** 2)
-    return (k / k.sum()).to(dtype)
+    """The sampled, normalised Gaussian of radius ``int(truncate * sigma + 0.5)`` (MONAI's gaussian_1d)."""
+    from monai.networks.layers.convutils import gaussian_1d
+
+    return gaussian_1d(torch.tensor(float(sigma)), truncated=truncate, approx="sampled", normalize=True).to(dtype)
 
 
 def gaussian_filter(x: torch.Tensor, sigma: float, truncate: float = 3.5) -> torch.Tensor:
-    """Separable Gaussian blur of ``(B, C, *spatial)`` (2D or 3D), reflect-padded: same size out."""
+    """Separable Gaussian blur of ``(B, C, *spatial)`` (2D or 3D), reflect-padded: same size out
+    (MONAI's ``separable_filtering``; scipy's ``gaussian_filter(mode="mirror", truncate=3.5)``)."""
     if sigma <= 0:
         return x
-    d = x.ndim - 2
+    from monai.networks.layers import separable_filtering
+
     k = gaussian_kernel1d(sigma, truncate, x.dtype).to(x.device)
-    r = k.numel() // 2
-    b, c = x.shape[:2]
-    out = x.reshape(b * c, 1, *x.shape[2:])
-    conv = F.conv2d if d == 2 else F.conv3d
-    for axis in range(d):
-        shape = [1, 1] + [1] * d
-        shape[2 + axis] = k.numel()
-        pad = [0, 0] * d
-        # F.pad lists the last axis first
-        pad[2 * (d - 1 - axis)] = pad[2 * (d - 1 - axis) + 1] = r
-        size = out.shape[2 + axis]
-        mode = "reflect" if size > r else "replicate"
-        out = conv(F.pad(out, pad, mode=mode), k.reshape(shape))
-    return out.reshape(b, c, *x.shape[2:])
+    return separable_filtering(x, k, mode=_pad_mode(x, k.numel() // 2))
 
 
 def ssim_map(x: torch.Tensor, y: torch.Tensor, sigma: float = 1.5, data_range: float = 1.0,
              k1: float = 0.01, k2: float = 0.03) -> torch.Tensor:
     """Per-pixel SSIM (Wang et al. 2004) with a Gaussian window, ``(B, C, *spatial)`` -> same shape.
 
-    Local means, variances and covariance are Gaussian-weighted (sigma in pixels), as in
-    ``skimage.metrics.structural_similarity(..., gaussian_weights=True)``; the borders are
-    reflect-padded so the map has the image's size.
+    MONAI's ``compute_ssim_and_cs`` (Gaussian-weighted local means, variances and covariance, as
+    ``skimage.metrics.structural_similarity(..., gaussian_weights=True)``) on inputs reflect-padded
+    by the window radius ``int(3.5 sigma + 0.5)``, so the map has the image's size.
     """
-    c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
-    x, y = x.float(), y.float()
-    mx, my = gaussian_filter(x, sigma), gaussian_filter(y, sigma)
-    sxx = gaussian_filter(x * x, sigma) - mx * mx
-    syy = gaussian_filter(y * y, sigma) - my * my
-    sxy = gaussian_filter(x * y, sigma) - mx * my
-    num = (2 * mx * my + c1) * (2 * sxy + c2)
-    den = (mx * mx + my * my + c1) * (sxx + syy + c2)
-    return num / den
+    from monai.metrics.regression import compute_ssim_and_cs
+
+    d = x.ndim - 2
+    r = max(1, int(3.5 * sigma + 0.5))
+    mode = _pad_mode(x, r)
+    x, y = (F.pad(t.float(), [r, r] * d, mode=mode) for t in (x, y))
+    ssim, _ = compute_ssim_and_cs(x, y, spatial_dims=d, kernel_size=[2 * r + 1] * d, kernel_sigma=[float(sigma)] * d,
+                                  data_range=data_range, k1=k1, k2=k2)
+    return ssim
 
 
 def error_map(x: torch.Tensor, recon: torch.Tensor, kind: str = "l2", *, ssim_sigma: float = 1.5,
