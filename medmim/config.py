@@ -261,7 +261,8 @@ class AnomalyConfig(Section):
     lesion_label: Optional[int] = None  # value of the lesion in pixel masks (None: 3 for 2D, 5 for 3D phantoms)
     num_masks: int = Field(4, ge=1)  # K masks per image at scoring time; their union covers every patch
     mask_ratio: Optional[float] = Field(None, gt=0, lt=1)  # scoring mask ratio (None: pretrain.mask_ratio)
-    error: Literal["l2", "l1", "ssim"] = "ssim"  # per-pixel error: squared, absolute, or 1 - SSIM
+    error: Literal["l2", "l1", "ssim", "texture"] = "ssim"  # the detector: squared / absolute / 1 - SSIM
+    # reconstruction error, or the learned normal-texture atlas (medmim/anomaly/texture.py)
     ssim_sigma: float = Field(1.5, gt=0)  # Gaussian window of SSIM (pixels)
     ssim_data_range: float = Field(1.0, gt=0)
     smooth_sigma: float = Field(1.0, ge=0)  # Gaussian smoothing of the error map (pixels; 0 = off)
@@ -273,6 +274,9 @@ class AnomalyConfig(Section):
     memory_shrink: Optional[float] = Field(None, ge=0)  # hard-shrinkage threshold (None: 1 / slots)
     memory_temperature: float = Field(1.0, gt=0)  # softmax temperature of the slot attention
     memory_entropy_weight: float = Field(2e-4, ge=0)  # weight of the addressing-entropy (sparsity) loss
+    texture_sigmas: list[float] = [1.0, 2.0]  # texture atlas: Gaussian blurs bounding its detail bands (pixels)
+    texture_pool: int = Field(2, ge=1)  # texture atlas: region edge (pixels / voxels)
+    texture_side: Literal["deficit", "excess", "both"] = "deficit"  # texture atlas: less / more detail than normal
     batch_size: int = Field(64, ge=1)  # images per scoring batch (times num_masks model inputs)
     max_heatmaps: int = Field(24, ge=0)  # heatmap files written per scored split (0: none)
 

@@ -339,16 +339,17 @@ def test_cli_train_and_score_2d_phantoms_with_memory(tmp_path):
     side = json.loads((run / "anomaly_model.json").read_text())
     assert side["memory"] is True
     assert (run / "anomaly_model.safetensors").exists()
-    assert set(side["thresholds"]) == {"l2", "l1", "ssim"}
+    assert set(side["thresholds"]) == {"l2", "l1", "ssim", "texture"}
+    assert (run / "texture_atlas.safetensors").exists()
     assert side["threshold"] == side["thresholds"][side["primary_error"]]
     assert main(["anomaly", "score", "--run-dir", str(run)]) == 0
     out = run / "scores_test"
     metrics = json.loads((out / "metrics.json").read_text())
-    for kind in ("l2", "l1", "ssim"):
+    for kind in ("l2", "l1", "ssim", "texture"):
         assert 0 <= metrics[kind]["image_auroc"] <= 1 and 0 <= metrics[kind]["pixel_auroc"] <= 1
         assert 0 <= metrics[kind]["pixel_best_dice"] <= 1
     rows = (out / "scores.csv").read_text().splitlines()
-    assert rows[0].startswith("index,source,label,anomalous,score_l2,score_l1,score_ssim,score")
+    assert rows[0].startswith("index,source,label,anomalous,score_l2,score_l1,score_ssim,score_texture,score,")
     assert len(rows) - 1 == metrics["n_images"]
     assert len(list((out / "heatmaps").glob("*.png"))) == 4
     # every evaluation reports the sanity baselines, chosen on val, beside the detector
@@ -371,11 +372,14 @@ def test_cli_train_and_score_3d_phantoms_writes_nifti_in_source_geometry(tmp_pat
             f"data.phantoms.out_dir={tmp_path / 'ph'}", "data.phantoms.n_patients=8",
             "data.phantoms.size_3d=16", "data.image_size=16", *TINY]
     assert main(args) == 0
-    assert main(["anomaly", "score", "--run-dir", str(tmp_path / "a3"), "anomaly.num_masks=5"]) == 0
+    assert main(["anomaly", "score", "--run-dir", str(tmp_path / "a3"), "anomaly.num_masks=5",
+                 "anomaly.error=texture"]) == 0
     maps = sorted((tmp_path / "a3" / "scores_test" / "maps").glob("*.nii.gz"))
     assert maps
     metrics = json.loads((tmp_path / "a3" / "scores_test" / "metrics.json").read_text())
     assert "re-chosen" in metrics["threshold_note"]  # other scoring settings than at training
+    assert metrics["primary_error"] == "texture" and metrics["baselines"]["detector_score"] == "detector_texture"
+    assert metrics["baselines"]["detector"]["value"] == pytest.approx(metrics["texture"]["image_auroc"])
     rows = (tmp_path / "a3" / "scores_test" / "scores.csv").read_text().splitlines()[1:]
     src = rows[int(maps[0].name[:5])].split(",")[1]
     m, s = nib.load(str(maps[0])), nib.load(src)

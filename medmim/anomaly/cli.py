@@ -62,7 +62,7 @@ def handle(args) -> int:
     if args.anomaly_verb == "score":
         metrics = score_anomaly(args.run_dir, args.overrides, split=args.split, out_dir=args.out)
         summary = {k: {m: v for m, v in metrics[k].items() if not isinstance(v, dict)}
-                   for k in ("l2", "l1", "ssim")}
+                   for k in ("l2", "l1", "ssim", "texture") if k in metrics}
         cmp = metrics.get("baselines")
         if cmp:
             summary["baselines"] = {"best_baseline": cmp["best_baseline"], "baseline_auroc": cmp["baseline"],

@@ -30,6 +30,7 @@ from medmim.anomaly.metrics import image_metrics, operating_point, pixel_metrics
 from medmim.anomaly.model import build_anomaly_model
 from medmim.anomaly.outputs import save_nifti_map, save_overlay_png, write_scores_csv
 from medmim.anomaly.scoring import ERRORS, ScoreSettings, score_items
+from medmim.anomaly.texture import TextureAtlas
 from medmim.config import Config, load_config
 from medmim.data.dataset import DataBundle, deterministic_transforms, describe_failure, make_loader, prepare_data, summarize
 from medmim.errors import DataError, MedmimError
@@ -42,6 +43,8 @@ from medmim.train.tasks import PretrainTask
 log_ = logging.getLogger("medmim.anomaly")
 PASS_KEYS = ("series_id", "frame")  # record keys the reader needs besides the path (DICOM series, frame)
 MODEL_NAME = "anomaly_model.safetensors"
+ATLAS_NAME = "texture_atlas.safetensors"
+KINDS = (*ERRORS, "texture")  # every score computed: the reconstruction errors and the texture atlas
 SIDECAR_NAME = "anomaly_model.json"
 
 
@@ -126,26 +129,51 @@ def load_model(cfg: Config, run_dir: Path) -> torch.nn.Module:
     return model.eval()
 
 
-def settings_key(s: ScoreSettings) -> dict:
+def settings_key(s: ScoreSettings, cfg: Config | None = None) -> dict:
     d = asdict(s)
     d.pop("error")  # every error kind is scored; the primary one only picks the CSV's "score"
+    if cfg is not None:
+        d["texture"] = texture_key(cfg)
     return d
+
+
+def texture_key(cfg: Config) -> dict:
+    a = cfg.anomaly
+    return {"sigmas": [float(v) for v in a.texture_sigmas], "pool": a.texture_pool, "side": a.texture_side}
+
+
+def texture_atlas(cfg: Config, data: DataBundle, run_dir: Path | None = None, train_items: list[dict] | None = None,
+                  log: Callable[[str], None] = print) -> TextureAtlas:
+    """The run's saved texture atlas when it fits ``anomaly.texture_*``; otherwise one learned now
+    from the normal training images (``train_items``, else the train split)."""
+    key = texture_key(cfg)
+    path = run_dir / ATLAS_NAME if run_dir is not None else None
+    if path is not None and path.exists():
+        atlas = TextureAtlas.load(path, side=key["side"])
+        if atlas.sigmas == key["sigmas"] and atlas.pool == key["pool"]:
+            return atlas
+        log(f"[anomaly] {path.name} was learned with other texture settings: learning the atlas again")
+    if train_items is None:
+        train_items, _ = load_split(cfg, data, "train", normal_only=True)
+    return TextureAtlas(key["sigmas"], key["pool"], key["side"]).fit(train_items)
 
 
 # ---- scoring a split ----------------------------------------------------------------------------
 def evaluate_split(model, cfg: Config, items: list[dict], meta: list[dict], runtime: Runtime,
-                   keep_maps: bool = True) -> tuple[dict, dict]:
-    """Score every error kind; return (raw outputs, metrics)."""
+                   keep_maps: bool = True, atlas: TextureAtlas | None = None) -> tuple[dict, dict]:
+    """Score every error kind (and the texture atlas, when given); return (raw outputs, metrics)."""
     settings = ScoreSettings.from_config(cfg)
     t0 = time.time()
     out = score_items(model, items, settings, batch_size=cfg.anomaly.batch_size, device=runtime.device,
                       errors=ERRORS, keep_maps=keep_maps)
+    if atlas is not None:
+        out.update(atlas.score_items(items, keep_maps=keep_maps))
     metrics: dict = {"n_images": len(items), "score_time_s": round(time.time() - t0, 2)}
     labelled = [i for i, m in enumerate(meta) if m["anomalous"] is not None]
     y = np.array([meta[i]["anomalous"] for i in labelled], dtype=bool)
     metrics["n_anomalous"], metrics["n_normal"] = int(y.sum()), int((~y).sum())
     lesion_idx = [i for i, it in enumerate(items) if "lesion" in it]
-    for kind in ERRORS:
+    for kind in (k for k in KINDS if f"{k}_score" in out):
         s = out[f"{kind}_score"].numpy()
         metrics[kind] = {f"image_{k}": v for k, v in image_metrics(y, s[labelled]).items()}
         if keep_maps and lesion_idx:
@@ -239,6 +267,9 @@ def train_anomaly(cfg: Config, *, resume: bool = False, log: Callable[[str], Non
     fit(PretrainTask(model), loader, pc, run, runtime, val_loader=val_loader, monitor=None, resume=resume,
         stage="anomaly:train", log=log)
     train_time = time.time() - t0
+    atlas = TextureAtlas(ac.texture_sigmas, ac.texture_pool, ac.texture_side).fit(train_items)
+    if run.writer:
+        atlas.save(run.path / ATLAS_NAME)
 
     # calibrate on the validation split (all labels; the threshold uses the normal images only)
     val_items, val_meta = load_split(cfg, data, "val", with_masks=True)
@@ -248,14 +279,14 @@ def train_anomaly(cfg: Config, *, resume: bool = False, log: Callable[[str], Non
         "spatial_dims": cfg.data.spatial_dims, "image_size": cfg.data.image_size,
         "normal_label": ac.normal_label, "n_train_normal": len(train_items),
         "data_source": data.source, "data_fingerprint": data.fingerprint, "seed": cfg.run.seed,
-        "train_time_s": round(train_time, 1), "settings": settings_key(ScoreSettings.from_config(cfg)),
+        "train_time_s": round(train_time, 1), "settings": settings_key(ScoreSettings.from_config(cfg), cfg),
         "primary_error": ac.error, "target_specificity": ac.target_specificity,
     }
     model.to(runtime.device)
     if val_items:
-        out, metrics = evaluate_split(model, cfg, val_items, val_meta, runtime)
+        out, metrics = evaluate_split(model, cfg, val_items, val_meta, runtime, atlas=atlas)
         thresholds = {}
-        for kind in ERRORS:
+        for kind in KINDS:
             ns = _normal_scores(out, val_meta, kind)
             if ns.size:
                 thresholds[kind] = threshold_at_specificity(ns, ac.target_specificity)
@@ -264,7 +295,7 @@ def train_anomaly(cfg: Config, *, resume: bool = False, log: Callable[[str], Non
                                             f"normal images, specificity {ac.target_specificity}",
                         "val_metrics": metrics})
         log(f"[anomaly] validation: " + ", ".join(
-            f"{k} image AUROC {metrics[k]['image_auroc']:.3f}" for k in ERRORS))
+            f"{k} image AUROC {metrics[k]['image_auroc']:.3f}" for k in KINDS))
         vbase = baseline_scores(cfg, val_items, runtime, untrained_model(cfg))
         cmp = baseline_comparison(cfg, (out, val_meta, vbase), (out, val_meta, vbase))
         if cmp is not None:
@@ -295,23 +326,25 @@ def score_anomaly(run_dir: str | Path, overrides: list[str] | None = None, *, sp
     data = prepare_data(cfg)
     runtime = Runtime.from_config(cfg.run)
     model = load_model(cfg, run_dir).to(runtime.device)
+    atlas = texture_atlas(cfg, data, run_dir, log=log)
     settings = ScoreSettings.from_config(cfg)
     thresholds = dict(sidecar.get("thresholds") or {})
     threshold_note = sidecar.get("threshold_source", "")
     items, meta = load_split(cfg, data, split, with_masks=True)
     if not items:
         raise DataError(f"split '{split}' holds no images")
-    out, metrics = evaluate_split(model, cfg, items, meta, runtime)
+    out, metrics = evaluate_split(model, cfg, items, meta, runtime, atlas=atlas)
     # the validation split: the baselines are chosen there (and thresholds re-chosen if needed)
     if split == "val":
         val_items, val_meta, vout = items, meta, out
     else:
         val_items, val_meta = load_split(cfg, data, "val")
-        vout = evaluate_split(model, cfg, val_items, val_meta, runtime, keep_maps=False)[0] if val_items else None
-    if thresholds and vout is not None and sidecar.get("settings") != settings_key(settings):
+        vout = evaluate_split(model, cfg, val_items, val_meta, runtime, keep_maps=False, atlas=atlas)[0] \
+            if val_items else None
+    if thresholds and vout is not None and sidecar.get("settings") != settings_key(settings, cfg):
         # the saved thresholds belong to other scoring settings: choose them again on validation
         thresholds = {k: threshold_at_specificity(_normal_scores(vout, val_meta, k), cfg.anomaly.target_specificity)
-                      for k in ERRORS if _normal_scores(vout, val_meta, k).size}
+                      for k in KINDS if _normal_scores(vout, val_meta, k).size}
         threshold_note = "re-chosen on the val split: scoring settings differ from the saved ones"
         log(f"[anomaly] {threshold_note}")
     cmp = None
@@ -328,7 +361,7 @@ def score_anomaly(run_dir: str | Path, overrides: list[str] | None = None, *, sp
     labelled = [i for i, m in enumerate(meta) if m["anomalous"] is not None]
     if thr is not None and labelled:
         y = np.array([meta[i]["anomalous"] for i in labelled], bool)
-        for kind in ERRORS:
+        for kind in KINDS:
             if kind in thresholds:
                 metrics[kind]["operating_point"] = operating_point(
                     y, out[f"{kind}_score"].numpy()[labelled], thresholds[kind])
@@ -340,7 +373,7 @@ def score_anomaly(run_dir: str | Path, overrides: list[str] | None = None, *, sp
     for i, m in enumerate(meta):
         row = {"index": i, "source": m["source"], "label": m["label"],
                "anomalous": "" if m["anomalous"] is None else int(m["anomalous"])}
-        for kind in ERRORS:
+        for kind in KINDS:
             row[f"score_{kind}"] = f"{float(out[f'{kind}_score'][i]):.6g}"
         row["score"] = row[f"score_{primary}"]
         row["predicted_anomalous"] = "" if thr is None else int(float(out[f"{primary}_score"][i]) > thr)
@@ -354,7 +387,7 @@ def score_anomaly(run_dir: str | Path, overrides: list[str] | None = None, *, sp
     _write_heatmaps(cfg, dest, items, meta, out[primary], primary, data.preset)
     write_json(dest / "metrics.json", metrics)
     log(f"[anomaly] {split}: {len(items)} images -> {dest}")
-    for kind in ERRORS:
+    for kind in KINDS:
         mk = metrics[kind]
         extra = f", pixel AUROC {mk['pixel_auroc']:.3f}, best Dice {mk['pixel_best_dice']:.3f}" \
             if "pixel_auroc" in mk else ""
