@@ -359,6 +359,8 @@ def test_cli_train_and_score_2d_phantoms_with_memory(tmp_path):
             "+laplacian", "-laplacian", "+highfreq_s1", "-highfreq_s1"} <= set(cmp["candidates"])
     assert cmp["best_baseline"] != "detector_ssim" and ("BEATS" in cmp["verdict"]) == cmp["beats_best_baseline"]
     assert cmp["detector"]["value"] == pytest.approx(metrics["ssim"]["image_auroc"])
+    assert set(cmp["other_detectors"]) == {"l2", "l1", "texture"}
+    assert cmp["other_detectors"]["l1"]["auroc"]["value"] == pytest.approx(metrics["l1"]["image_auroc"])
     assert cmp["verdict"] in (out / "baselines.md").read_text()
     assert (out / "baselines.csv").read_text().startswith("score,role,val_auroc,auroc")
 

@@ -178,4 +178,13 @@ def comparison_markdown(cmp: Mapping, split: str = "test") -> str:
               f"{d['value']:+.3f} ({level}% CI {d['low']:+.3f} to {d['high']:+.3f}).",
               f"Best baseline on the {split} split itself (not chosen on val, optimistic for the baselines): "
               f"{be['name']} {be['auroc']:.3f}; detector margin {be['margin']:+.3f}.", "", f"**{cmp['verdict']}**", ""]
+    others = cmp.get("other_detectors") or {}
+    if others:
+        lines += [f"The other scores against the same baseline ({cmp['best_baseline']}), {split} AUROC and difference "
+                  f"({level}% CIs):", ""]
+        for kind, o in others.items():
+            a, d = o["auroc"], o["difference"]
+            lines.append(f"- {kind}: {a['value']:.3f} ({a['low']:.3f}–{a['high']:.3f}), {d['value']:+.3f} "
+                         f"({d['low']:+.3f} to {d['high']:+.3f}){' — beats it' if o['beats_best_baseline'] else ''}")
+        lines.append("")
     return "\n".join(lines)

@@ -1,4 +1,5 @@
-"""What ``medmim anomaly score`` writes: a per-image CSV, PNG overlays (2D), NIfTI maps (3D).
+"""What ``medmim anomaly score`` writes besides its CSVs (``medmim.io.write_csv``): PNG overlays (2D),
+NIfTI maps (3D).
 
 Geometry: images reach the network through the deterministic data chain (3D: reorientation to
 ``data.orientation``, optional resampling to ``data.target_spacing``, resize/pad to
@@ -11,25 +12,12 @@ so a 2D overlay is drawn as it is and looks like the source picture.
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 
 from medmim.io import atomic_path
-
-
-def write_scores_csv(path: str | Path, rows: Sequence[dict]) -> Path:
-    path = Path(path)
-    fields = list(rows[0]) if rows else ["index"]
-    with atomic_path(path) as tmp:
-        with open(tmp, "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=fields)
-            w.writeheader()
-            w.writerows(rows)
-    return path
 
 
 def save_overlay_png(path: str | Path, image: np.ndarray, amap: np.ndarray, *, lesion: np.ndarray | None = None,

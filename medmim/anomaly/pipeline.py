@@ -28,13 +28,13 @@ import torch
 from medmim.anomaly.baselines import comparison_markdown, comparison_rows, compare_with_baselines, statistic_scores
 from medmim.anomaly.metrics import image_metrics, operating_point, pixel_metrics, threshold_at_specificity
 from medmim.anomaly.model import build_anomaly_model
-from medmim.anomaly.outputs import save_nifti_map, save_overlay_png, write_scores_csv
+from medmim.anomaly.outputs import save_nifti_map, save_overlay_png
 from medmim.anomaly.scoring import ERRORS, ScoreSettings, score_items
 from medmim.anomaly.texture import TextureAtlas
 from medmim.config import Config, load_config
 from medmim.data.dataset import DataBundle, deterministic_transforms, describe_failure, make_loader, prepare_data, summarize
 from medmim.errors import DataError, MedmimError
-from medmim.io import write_json, write_text
+from medmim.io import write_csv, write_json, write_text
 from medmim.train.distributed import current as current_dist
 from medmim.train.loop import Runtime, fit
 from medmim.train.rundir import RunDir, seed_everything
@@ -207,20 +207,18 @@ def baseline_scores(cfg: Config, items: list[dict], runtime: Runtime, untrained:
     return out
 
 
-def detector_name(cfg: Config) -> str:
-    return f"detector_{cfg.anomaly.error}"
-
-
-def baseline_comparison(cfg: Config, val: tuple[dict, list[dict], dict], scored: tuple[dict, list[dict], dict]) -> dict | None:
-    """Compare the detector (the primary error's score) with the baselines: chosen on val, reported
-    on the scored split. ``val`` / ``scored``: (detector outputs, metadata, baseline scores)."""
+def baseline_comparison(cfg: Config, val: tuple[dict, list[dict], dict], scored: tuple[dict, list[dict], dict],
+                        kind: str | None = None) -> dict | None:
+    """Compare the detector (the score ``kind``, default the primary ``anomaly.error``) with the
+    baselines: chosen on val, reported on the scored split. ``val`` / ``scored``: (detector outputs,
+    metadata, baseline scores)."""
     (vout, vmeta, vbase), (out, meta, base) = val, scored
     vl, vy = _labels(vmeta)
     el, ey = _labels(meta)
     if vy.size == 0 or vy.min() == vy.max() or ey.size == 0 or ey.min() == ey.max():
         return None  # no two-class labels: nothing to compare
-    det = detector_name(cfg)
-    kind = cfg.anomaly.error
+    kind = kind or cfg.anomaly.error
+    det = f"detector_{kind}"
     vs = {det: vout[f"{kind}_score"].numpy()[vl], **{k: v[vl] for k, v in vbase.items()}}
     es = {det: out[f"{kind}_score"].numpy()[el], **{k: v[el] for k, v in base.items()}}
     return compare_with_baselines(det, vy, vs, ey, es, seed=cfg.run.seed)
@@ -353,6 +351,12 @@ def score_anomaly(run_dir: str | Path, overrides: list[str] | None = None, *, sp
         base = baseline_scores(cfg, items, runtime, untrained)
         vbase = base if split == "val" else baseline_scores(cfg, val_items, runtime, untrained)
         cmp = baseline_comparison(cfg, (vout, val_meta, vbase), (out, meta, base))
+        if cmp is not None:  # every other score kind against the same baselines, one line each
+            cmp["other_detectors"] = {}
+            for kind in (k for k in KINDS if k != cfg.anomaly.error and f"{k}_score" in out):
+                c = baseline_comparison(cfg, (vout, val_meta, vbase), (out, meta, base), kind)
+                cmp["other_detectors"][kind] = {"auroc": c["detector"], "difference": c["difference"],
+                                                "beats_best_baseline": c["beats_best_baseline"]}
     if cmp is None:
         log("[anomaly] note: no sanity-baseline comparison (the val and scored splits need both normal and "
             "anomalous labels)")
@@ -378,10 +382,10 @@ def score_anomaly(run_dir: str | Path, overrides: list[str] | None = None, *, sp
         row["score"] = row[f"score_{primary}"]
         row["predicted_anomalous"] = "" if thr is None else int(float(out[f"{primary}_score"][i]) > thr)
         rows.append(row)
-    write_scores_csv(dest / "scores.csv", rows)
+    write_csv(dest / "scores.csv", rows)
     if cmp is not None:
         metrics["baselines"] = cmp
-        write_scores_csv(dest / "baselines.csv", comparison_rows(cmp))
+        write_csv(dest / "baselines.csv", comparison_rows(cmp))
         write_text(dest / "baselines.md", f"# Detector vs sanity baselines ({split} split)\n\n"
                    + comparison_markdown(cmp, split))
     _write_heatmaps(cfg, dest, items, meta, out[primary], primary, data.preset)
