@@ -88,3 +88,17 @@ def test_comparison_chooses_on_val_and_says_when_the_detector_loses():
 def test_comparison_needs_a_baseline():
     with pytest.raises(ValueError, match="baseline"):
         compare_with_baselines("det", [0, 1], {"det": np.array([0, 1])}, [0, 1], {"det": np.array([0, 1])})
+
+
+def test_html_report_shows_detector_beside_best_baseline():
+    from medmim.eval.report import _anomaly_html
+
+    rng = np.random.default_rng(2)
+    y = rng.random(200) < 0.5
+    scores = {"det": y + rng.normal(0, 2.0, 200), "+mean": y + rng.normal(0, 0.5, 200)}
+    cmp = compare_with_baselines("det", y, scores, y, scores, n_boot=200)
+    metrics = {"primary_error": "texture", "texture": {"image_auroc": cmp["detector"]["value"]}, "baselines": cmp}
+    html = _anomaly_html([("scores_test", metrics)])
+    assert 'id="anomaly-baselines"' in html and "+mean" in html and "does NOT beat" in html
+    assert f"{cmp['baseline']['value']:.3f} ({cmp['baseline']['low']:.3f}" in html
+    assert "scores_test (primary)</td><td>texture" in html

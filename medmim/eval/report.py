@@ -409,7 +409,7 @@ def _anomaly_runs(study: Path) -> list[tuple[str, dict]]:
 def _anomaly_html(runs: list[tuple[str, dict]]) -> str:
     rows = []
     for name, m in runs:
-        for kind in ("l2", "l1", "ssim"):
+        for kind in ("l2", "l1", "ssim", "texture"):
             mk = m.get(kind)
             if not isinstance(mk, dict):
                 continue
@@ -418,8 +418,22 @@ def _anomaly_html(runs: list[tuple[str, dict]]) -> str:
                          _num(mk.get("image_auroc")), _num(mk.get("image_ap")), _num(mk.get("pixel_auroc")),
                          _num(mk.get("pixel_best_dice")), _num(op.get("sensitivity")), _num(op.get("specificity")),
                          _num(m.get("n_anomalous")), _num(m.get("n_normal"))])
-    return _table(["scored split", "error", "image AUROC", "image AP", "pixel AUROC", "best pixel Dice",
+    html = _table(["scored split", "error", "image AUROC", "image AP", "pixel AUROC", "best pixel Dice",
                    "sensitivity @thr", "specificity @thr", "anomalous", "normal"], rows, "anomaly")
+    # the detector beside the best sanity baseline (chosen on val; medmim/anomaly/baselines.py)
+    base_rows = []
+    for name, m in runs:
+        b = m.get("baselines")
+        if not isinstance(b, dict):
+            continue
+        ci = lambda c: f"{_num(c.get('value'))} ({_num(c.get('low'))}–{_num(c.get('high'))})"  # noqa: E731
+        base_rows.append([_e(name), _e(b.get("detector_score", "")), ci(b.get("detector", {})),
+                          _e(b.get("best_baseline", "")), ci(b.get("baseline", {})), ci(b.get("difference", {})),
+                          _e(b.get("verdict", ""))])
+    if base_rows:
+        html += _table(["scored split", "detector", "AUROC (95% CI)", "best baseline (chosen on val)",
+                        "baseline AUROC (95% CI)", "difference (paired CI)", "verdict"], base_rows, "anomaly-baselines")
+    return html
 
 
 CSS = """
