@@ -25,6 +25,13 @@ EPILOG = """examples:
 """
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (``medmim VERB: error: ...``, exit 2) instead of usage + error."""
+
+    def error(self, message: str):  # noqa: D401 - argparse API
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _add_config_args(p: argparse.ArgumentParser, default: str | None = None) -> None:
     p.add_argument("-c", "--config", default=default,
                    help="YAML config file, or the name of one in configs/" + (f" (default: {default})" if default else ""))
@@ -33,7 +40,7 @@ def _add_config_args(p: argparse.ArgumentParser, default: str | None = None) -> 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="medmim", description="Masked image modelling for medical imaging: pretrain encoders on "
         "unlabelled scans, fine-tune them on small labelled sets.",
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
@@ -250,9 +257,53 @@ COMMANDS = {"demo": cmd_demo, "pretrain": cmd_pretrain, "finetune": cmd_finetune
             "data": lambda args: args.handler(args)}
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse with ``key=value`` overrides allowed anywhere on the line (``... --init PATH k=v``,
+    ``... --resume k=v``): argparse leaves those it cannot place after an option as extras; they are
+    appended to ``overrides`` in order. Anything else left over is an error."""
+    args, extra = parser.parse_known_args(argv)
+    if any(a in ("-v", "--verbose") for a in extra):  # -v after the verb works too
+        args.verbose = True
+        extra = [a for a in extra if a not in ("-v", "--verbose")]
+    overrides = [a for a in extra if "=" in a and not a.startswith("-")]
+    unknown = [a for a in extra if a not in overrides]
+    if overrides and not hasattr(args, "overrides"):
+        unknown = extra
+    if unknown:
+        prog = " ".join(str(p) for p in (parser.prog, getattr(args, "verb", None), getattr(args, "data_verb", None)) if p)
+        parser.exit(2, f"{prog}: error: unrecognized arguments: {' '.join(unknown)} (see {prog} --help)\n")
+    if overrides:
+        args.overrides = list(args.overrides or []) + overrides
+    return args
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _os_error_line(exc: OSError) -> str:
+    """``<file>: <reason>`` for file-system errors (missing file, permission, disk full)."""
+    name = exc.filename if exc.filename is not None else ""
+    reason = exc.strerror or _one_line(exc)
+    return f"{name}: {reason}" if name != "" else reason
+
+
+def _safe_streams() -> None:
+    """File names that are not valid UTF-8 (kept as surrogate escapes) print as escapes, never crash."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.reconfigure(errors="backslashreplace")
+        except (AttributeError, ValueError):  # a replaced stream (tests, pipes that cannot be reconfigured)
+            pass
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run a verb. A user error (bad config, path, value, data) is one line on stderr and exit
+    status 2; an unexpected failure is one line and exit status 1. ``-v`` adds the traceback."""
+    _safe_streams()
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     if args.verb is None:
@@ -263,18 +314,34 @@ def main(argv: list[str] | None = None) -> int:
         code = COMMANDS[args.verb](args)
         finished = True
         return code
-    except MedmimError as exc:
-        print(f"medmim: error: {str(exc).splitlines()[0]}", file=sys.stderr)
-        for line in str(exc).splitlines()[1:]:
-            print(f"  {line}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("medmim: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # noqa: BLE001 - every failure reaches the user as one line
+        return _report_error(exc, args.verbose)
     finally:
         from medmim.train.distributed import shutdown
 
         shutdown(sync=finished)  # leave the torchrun process group, if one was joined
+
+
+def _report_error(exc: Exception, verbose: bool) -> int:
+    import traceback
+
+    if verbose:
+        traceback.print_exc()
+    if isinstance(exc, MedmimError):
+        print(f"medmim: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+        print(f"medmim: error: {_os_error_line(exc)}", file=sys.stderr)
+        return 2
+    if isinstance(exc, OSError) and exc.strerror:  # e.g. disk full
+        print(f"medmim: error: {_os_error_line(exc)}", file=sys.stderr)
+        return 1
+    hint = "" if verbose else " (medmim -v ... shows the traceback)"
+    print(f"medmim: internal error: {type(exc).__name__}: {_one_line(exc)}{hint}", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

@@ -91,7 +91,10 @@ class DataConfig(Section):
     image_size: int = Field(32, ge=8)  # side length fed to the network (resized)
     modality: Literal["ct", "mri", "xray", "generic"] = "xray"
     preset: Optional[str] = None  # modality preset name, e.g. "ct_soft_tissue", "mri_zscore"
-    num_classes: int = Field(2, ge=1)
+    # None: inferred from the labels when the data is read (saved in the run's config.yaml)
+    num_classes: Optional[int] = Field(None, ge=1)
+    # display names, one per class index (None: from the manifest's label_name column, else "0", "1", ...)
+    class_names: Optional[list[str]] = None
     task: Literal["classification", "segmentation"] = "classification"
     val_fraction: float = Field(0.15, ge=0, lt=1)  # patient-level, when the source has no split
     test_fraction: float = Field(0.2, ge=0, lt=1)
@@ -111,6 +114,9 @@ class DataConfig(Section):
     # distribution of the per-sample MONAI chain; "sample" runs that chain per item in the loader
     augment: Literal["batch", "sample"] = "batch"
     split_file: Optional[str] = None  # patient -> split JSON: written on first use, reused afterwards
+    # byte-identical images in two splits (content hash): drop the copies in the later split
+    # (train < val < test), refuse to run, or ignore; auto = drop for files, report for in-memory npz data
+    duplicates: Literal["auto", "drop", "error", "ignore"] = "auto"
     phantoms: PhantomConfig = PhantomConfig()
     # extra images for pretraining only (folders, DICOM folders, manifests, npz files); content-hashed
     # against val and test, matches dropped and counted (medmim/data/pool.py, docs/pool.md)
@@ -135,6 +141,12 @@ class DataConfig(Section):
                              "pretraining would see no images")
         if not self.pretrain_on_labelled and self.pretrain_on_test:
             raise ValueError("data.pretrain_on_test needs data.pretrain_on_labelled")
+        if self.class_names is not None:
+            if len(set(self.class_names)) != len(self.class_names) or not all(self.class_names):
+                raise ValueError(f"data.class_names must be distinct non-empty names, got {self.class_names}")
+            if self.num_classes is not None and len(self.class_names) != self.num_classes:
+                raise ValueError(f"data.class_names has {len(self.class_names)} names but data.num_classes is "
+                                 f"{self.num_classes}")
         return self
 
 
@@ -290,6 +302,15 @@ class Config(Section):
     study: StudyConfig = StudyConfig()
     anomaly: AnomalyConfig = AnomalyConfig()
 
+    @model_validator(mode="after")
+    def _patch_grid(self) -> "Config":
+        """A ViT cuts the image into patches: the image side must be a multiple of the patch size."""
+        enc, size = self.encoder, self.data.image_size
+        if enc.name.startswith("vit") and size % enc.patch_size:
+            raise ValueError(f"data.image_size={size} is not divisible by encoder.patch_size={enc.patch_size} "
+                             f"(try data.image_size={size - size % enc.patch_size or enc.patch_size})")
+        return self
+
 
 # ----------------------------------------------------------------------------------------------
 # loading, overrides, errors
@@ -325,7 +346,13 @@ def _format_error(err: ValidationError, source: str) -> str:
         return f"{source}: missing required key '{key}'"
     given = first.get("input")
     msg = first["msg"]
-    return f"{source}: bad value for '{key}': {msg} (got {given!r})"
+    if first["type"] == "value_error":  # our own validators: the message names the key(s) already
+        msg = msg.removeprefix("Value error, ")
+        section_level = not loc or isinstance(given, dict)  # a section's validator: no single key to blame
+        return f"{source}: {msg}" if section_level else f"{source}: bad value for '{key}': {msg}"
+    shown = repr(given)
+    shown = shown if len(shown) <= 80 else shown[:77] + "..."
+    return f"{source}: bad value for '{key}': {msg} (got {shown})"
 
 
 def _parse_scalar(text: str) -> Any:
@@ -373,8 +400,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path is not None:
         p = resolve_config_path(path)
         source = str(p)
+        if p.is_dir():
+            raise ConfigError(f"{p}: is a folder; -c takes a YAML config file")
         try:
-            loaded = yaml.safe_load(p.read_text())
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise ConfigError(f"{p}: not a text file (a YAML config is UTF-8 text)") from None
         except yaml.YAMLError as exc:
             raise ConfigError(f"{p}: not valid YAML ({str(exc).splitlines()[0]})") from None
         if loaded is None:

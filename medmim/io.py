@@ -95,6 +95,11 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+# CSV/text files medmim writes hold file names; names that are not valid UTF-8 (raw bytes on POSIX,
+# kept by Python as surrogate escapes) are written back as the same bytes instead of crashing
+TEXT_ENCODING = {"encoding": "utf-8", "errors": "surrogateescape"}
+
+
 def write_csv(path: str | os.PathLike, rows: Iterable[dict], fields: list[str] | None = None) -> Path:
     """Write ``rows`` (dicts) as a CSV with a header, atomically. ``fields``: the columns, in order
     (default: every key of the rows in first-seen order, dict-valued keys left out); keys not in
@@ -106,7 +111,7 @@ def write_csv(path: str | os.PathLike, rows: Iterable[dict], fields: list[str] |
             fields += [k for k in r if k not in fields and not isinstance(r[k], dict)]
     path = Path(path)
     with atomic_path(path) as tmp:
-        with open(tmp, "w", newline="", encoding="utf-8") as fh:
+        with open(tmp, "w", newline="", **TEXT_ENCODING) as fh:  # odd (non-UTF-8) file names survive
             w = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
             w.writeheader()
             w.writerows(rows)

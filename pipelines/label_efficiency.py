@@ -269,6 +269,9 @@ def stage_fingerprint(cfg: Config, sections: tuple[str, ...]) -> str:
     # non-default values only: a new config field (with its default) does not invalidate old studies
     dump = cfg.model_dump(mode="json", exclude_defaults=True)
     dump.get("data", {}).pop("num_workers", None)
+    dump.get("data", {}).pop("class_names", None)  # display names: filled from the data, never change results
+    if dump.get("data", {}).get("num_classes") == 2:  # the default before it was inferred from the labels
+        dump["data"].pop("num_classes")
     picked = {k: dump.get(k, {}) for k in sections}
     picked["seed"] = cfg.run.seed
     return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]

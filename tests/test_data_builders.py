@@ -101,7 +101,7 @@ def test_cli_manifest_dicom_and_card(tmp_path, capsys):
     both = md + json.dumps(card)
     assert "PatientID" in md and "SECRET" not in both and "Synthetic" not in both and "19000101" not in both
     # a bad source is one line and exit code 2
-    assert main(["data", "manifest", "--from", "csv", str(tmp_path / "nope.csv"), "--out", str(out)]) == 2
+    assert main(["data", "manifest", "--from", "csv", str(tmp_path / "nope.csv"), "--out", str(tmp_path / "m2.csv")]) == 2
     assert "CSV not found" in capsys.readouterr().err
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 from pathlib import Path
 
@@ -27,39 +28,126 @@ DICOM_MODALITY = {"CT": "ct", "MR": "mri", "CR": "xray", "DX": "xray", "DR": "xr
                   "RF": "xray", "XA": "xray", "PT": "generic", "US": "generic", "NM": "generic"}
 
 
-def _patient_of(path: Path, patient_regex: str | None) -> str:
-    stem = path.name[: -len(_suffix(path))] if _suffix(path) else path.name
+def _patient_of(path: Path, patient_regex: str | None, root: Path | None = None) -> str:
+    """The regex's first group on the file name; else the file name without suffix -- taken relative
+    to ``root`` when given, so that ``a/1.png`` and ``b/1.png`` are two patients, not one."""
     if patient_regex:
         m = re.search(patient_regex, path.name)
         if m:
             return m.group(1) if m.groups() else m.group(0)
-    return stem
+    name = path.name if root is None else path.relative_to(root).as_posix()
+    suffix = _suffix(path)
+    return name[: -len(suffix)] if suffix and name.lower().endswith(suffix) else name
+
+
+# folder names read as a split when every top-level folder is one of them (case-insensitive)
+SPLIT_ALIASES = {"train": "train", "training": "train", "tr": "train",
+                 "val": "val", "valid": "val", "validation": "val", "dev": "val",
+                 "test": "test", "testing": "test", "ts": "test"}
+
+
+def parse_split_dirs(text: str | None) -> dict[str, str] | None:
+    """``"Training=train,Testing=test"`` -> ``{"Training": "train", "Testing": "test"}``; ``"none"``
+    -> ``{}`` (no split folders: top-level folders are classes); None/"" -> None (detect)."""
+    if text is None or not text.strip():
+        return None
+    if text.strip().lower() == "none":
+        return {}
+    out: dict[str, str] = {}
+    for part in text.split(","):
+        folder, sep, split = part.partition("=")
+        folder, split = folder.strip(), split.strip().lower()
+        if not sep or not folder or split not in ("train", "val", "test"):
+            raise DataError(f"--split-dirs: '{part.strip()}' should look like FOLDER=train|val|test "
+                            "(e.g. Training=train,Testing=test)")
+        out[folder] = split
+    return out
+
+
+def _visible_dirs(folder: Path) -> list[Path]:
+    return sorted((p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")),
+                  key=lambda p: os.fsencode(p.name))
+
+
+def folder_splits(root: Path, split_dirs: dict[str, str] | None) -> dict[str, str]:
+    """{top-level folder name: split} for a tree with split folders; {} when the top level holds classes."""
+    top = [p.name for p in _visible_dirs(root)]
+    if split_dirs is None:  # detect: every top-level folder is a split name
+        if top and all(name.lower() in SPLIT_ALIASES for name in top):
+            return {name: SPLIT_ALIASES[name.lower()] for name in top}
+        return {}
+    if not split_dirs:
+        return {}
+    missing = [f for f in split_dirs if not (root / f).is_dir()]
+    if missing:
+        raise DataError(f"{root / missing[0]}: split folder not found (top-level folders: "
+                        f"{', '.join(top) or 'none'})")
+    return dict(split_dirs)
 
 
 def from_folder(root: str | Path, *, modality: str = "", patient_regex: str | None = None,
-                skipped: list[dict] | None = None) -> list[dict]:
-    """``root/<class>/**/<image>``: one class per sub-folder; files that are not images are skipped.
+                skipped: list[dict] | None = None, split_dirs: dict[str, str] | None = None) -> list[dict]:
+    """``root/<class>/**/<image>`` or ``root/<split>/<class>/**/<image>``; files that are not images
+    are skipped.
+
+    Classes: one per sub-folder name; labels 0..K-1 in sorted name order over every split (the
+    ``label_name`` column keeps the folder name). Split folders: ``split_dirs`` maps top-level folder
+    names to train/val/test (``{}``: none, the top level holds classes); by default a tree whose
+    top-level folders are all split names (train/training, val/valid/validation, test/testing, any
+    case) is read as split folders. Top-level folders that are not mapped are left out and listed in
+    ``skipped``. Images directly inside a split folder are unlabelled rows of that split.
 
     ``patient_regex``: a regular expression on the file name whose first group is the patient id
     (default: the file name without suffix, i.e. every image its own patient).
     """
     root = Path(root)
     if not root.is_dir():
-        raise DataError(f"{root}: folder not found")
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        raise DataError(f"{root}: folder not found" if not root.exists() else f"{root}: not a folder")
+    if patient_regex:
+        try:
+            re.compile(patient_regex)
+        except re.error as exc:
+            raise DataError(f"--patient-regex: not a valid regular expression ({exc})") from None
+    splits = folder_splits(root, split_dirs)
+    groups: list[tuple[Path, str]] = [(root / name, split) for name, split in splits.items()] if splits \
+        else [(root, "")]
+    if splits:
+        for p in _visible_dirs(root):
+            if p.name not in splits and skipped is not None:
+                skipped.append({"file": str(p), "reason": "top-level folder not mapped to a split (--split-dirs)"})
+    classes = sorted({p.name for base, _ in groups for p in _visible_dirs(base)}, key=os.fsencode)
     if not classes:
-        raise DataError(f"{root}: no class sub-folders (expected {root}/<class name>/<images>)")
+        where = f"{groups[0][0]}/<class name>/<images>" if splits else f"{root}/<class name>/<images>"
+        raise DataError(f"{root}: no class sub-folders (expected {where})")
+    label_of = {name: i for i, name in enumerate(classes)}
+
+    def is_image(p: Path) -> bool:
+        if not p.is_file() or p.name.startswith("."):
+            return False
+        if _suffix(p) not in IMAGE_SUFFIXES:
+            if skipped is not None:
+                skipped.append({"file": str(p), "reason": f"not an image file (suffix '{_suffix(p)}')"})
+            return False
+        return True
+
     rows = []
-    for label, name in enumerate(classes):
-        for p in sorted((root / name).rglob("*")):
-            if not p.is_file() or p.name.startswith("."):
+    for base, split in groups:
+        for p in sorted(base.iterdir(), key=lambda q: os.fsencode(q.name)):
+            if p.is_dir() or not is_image(p):
                 continue
-            if _suffix(p) not in IMAGE_SUFFIXES:
+            if not split:  # loose image at the root of a class tree: no class to give it
                 if skipped is not None:
-                    skipped.append({"file": str(p), "reason": f"not an image file (suffix '{_suffix(p)}')"})
+                    skipped.append({"file": str(p), "reason": "not inside a class folder"})
                 continue
-            rows.append({"image": str(p), "label": label, "label_name": name,
-                         "patient_id": _patient_of(p, patient_regex), "split": "", "modality": modality})
+            rows.append({"image": str(p), "label": "", "label_name": "",
+                         "patient_id": _patient_of(p, patient_regex, root), "split": split, "modality": modality})
+        for cls_dir in _visible_dirs(base):
+            name = cls_dir.name
+            for p in sorted(cls_dir.rglob("*"), key=lambda q: os.fsencode(str(q))):
+                if is_image(p):
+                    rows.append({"image": str(p), "label": label_of[name], "label_name": name,
+                                 "patient_id": _patient_of(p, patient_regex, root), "split": split,
+                                 "modality": modality})
     if not rows:
         raise DataError(f"{root}: no image files under the class folders")
     return rows
@@ -75,8 +163,13 @@ def from_csv(path: str | Path, *, image_col: str = "image", label_col: str | Non
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: CSV not found")
-    with open(path, newline="") as fh:
-        data = list(csv.DictReader(fh))
+    from medmim.io import TEXT_ENCODING
+
+    try:
+        with open(path, newline="", **TEXT_ENCODING) as fh:
+            data = list(csv.DictReader(fh))
+    except (csv.Error, IsADirectoryError) as exc:
+        raise DataError(f"{path}: not a readable CSV ({exc})") from None
     if not data:
         raise DataError(f"{path}: CSV has no rows")
     if image_col not in data[0]:

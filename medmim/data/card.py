@@ -87,11 +87,16 @@ def _dicom_files(records: list[dict]) -> list[Path]:
 
 def build_card(records: list[dict], *, name: str, source: str = "", licence: str = "", modality: str = "",
                description: str = "", label_names: dict | None = None, skipped: list[dict] | None = None,
-               extra: dict | None = None, pool: dict | None = None) -> dict[str, Any]:
+               extra: dict | None = None, pool: dict | None = None, duplicates_dropped: int = 0) -> dict[str, Any]:
     """The card as a dict (see module doc). ``pool``: what pretraining saw besides the labelled
-    images (``DataBundle.pool_info``, medmim.data.pool), recorded as ``pretraining_pool``."""
+    images (``DataBundle.pool_info``, medmim.data.pool), recorded as ``pretraining_pool``.
+    ``duplicates_dropped``: images already dropped from these records as byte-identical to another
+    split's image (``prepare_data``)."""
     if not records:
         raise DataError(f"{name}: no records to describe")
+    from medmim.data.splits import cross_split_duplicates
+
+    dup_groups = cross_split_duplicates(records)
     per_split: dict[str, Counter] = defaultdict(Counter)
     patients: dict[str, set] = defaultdict(set)
     for r in records:
@@ -137,6 +142,9 @@ def build_card(records: list[dict], *, name: str, source: str = "", licence: str
         "geometry_sampled": {"read": len(sampled), "of": len(records), "unreadable": unreadable},
         "phi_scan": phi,
         "skipped": len(skipped or []),
+        # content hash (file bytes; array bytes for npz entries): counts only, never file names
+        "duplicates_across_splits": {"groups": len(dup_groups), "images": sum(len(g) for g in dup_groups),
+                                     "dropped": int(duplicates_dropped)},
     }
     if pool:
         card["pretraining_pool"] = pool
@@ -172,7 +180,13 @@ def render_markdown(card: dict) -> str:
               f"| source | {card.get('source') or '–'} |", f"| licence | {card.get('licence') or '–'} |",
               f"| modality | {', '.join(f'{k} ({v})' for k, v in card['modality'].items())} |",
               f"| images | {card['n_images']} |", f"| patients | {card['n_patients']} |",
-              f"| fingerprint | `{card['fingerprint']}` |", f"| skipped at build | {card.get('skipped', 0)} |", ""]
+              f"| fingerprint | `{card['fingerprint']}` |", f"| skipped at build | {card.get('skipped', 0)} |"]
+    dup = card.get("duplicates_across_splits")
+    if dup is not None:
+        lines.append(f"| byte-identical images across splits | {dup['groups']} group(s), {dup['images']} image(s)"
+                     + (f"; {dup['dropped']} dropped from the later split (data.duplicates)" if dup["dropped"] else "")
+                     + " |")
+    lines.append("")
     classes = sorted({c for s in card["splits"].values() for c in s["classes"]})
     names = card.get("label_names") or {}
     head = [f"{c} ({names[c]})" if c in names else c for c in classes]

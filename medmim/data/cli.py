@@ -31,7 +31,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     m.add_argument("--out", required=True, help="manifest to write (.csv or .jsonl); skipped files go to "
                    "<out>.skipped.csv")
     m.add_argument("--modality", default="", choices=["", "ct", "mri", "xray", "generic"])
-    m.add_argument("--patient-regex", default=None, help="folder: regex on the file name, group 1 = patient id")
+    m.add_argument("--patient-regex", default=None, help="folder: regex on the file name, group 1 = patient id "
+                   "(default: the file's path below SOURCE without suffix: every image its own patient)")
+    m.add_argument("--split-dirs", default=None, metavar="FOLDER=SPLIT,...",
+                   help="folder: top-level folders that are splits, e.g. 'Training=train,Testing=test' "
+                   "(default: read as splits when every top-level folder is named train/training, "
+                   "val/valid/validation or test/testing; 'none': the top-level folders are classes)")
+    m.add_argument("--force", action="store_true", help="replace --out if it exists (default: refuse)")
     m.add_argument("--image-col", default="image", help="csv: column holding the image path")
     m.add_argument("--label-col", default="label")
     m.add_argument("--patient-col", default="patient_id")
@@ -90,10 +96,16 @@ def cmd_manifest(args) -> int:
     from medmim.data.manifest import write_manifest
 
     out = Path(args.out)
+    if out.suffix not in (".csv", ".jsonl"):
+        raise DataError(f"{out}: --out must end in .csv or .jsonl")
+    if out.exists() and not args.force:
+        raise DataError(f"{out}: exists; pass --force to replace it, or choose another --out")
+    if out.is_dir():
+        raise DataError(f"{out}: is a folder; --out names the manifest file to write")
     skipped: list[dict] = []
     if args.kind == "folder":
         rows = builders.from_folder(args.source, modality=args.modality, patient_regex=args.patient_regex,
-                                    skipped=skipped)
+                                    skipped=skipped, split_dirs=builders.parse_split_dirs(args.split_dirs))
     elif args.kind == "csv":
         rows = builders.from_csv(args.source, image_col=args.image_col, label_col=args.label_col,
                                  patient_col=args.patient_col, split_col=args.split_col, mask_col=args.mask_col,
@@ -107,10 +119,25 @@ def cmd_manifest(args) -> int:
         rows = builders.from_npz(args.source, modality=args.modality)
     write_manifest(rows, out, relative_to=out.parent)
     skipped_path = write_skipped(skipped, out.with_name(out.stem + ".skipped.csv"))
-    print(f"manifest: {out} ({len(rows)} rows)")
+    print(f"manifest: {out} ({len(rows)} rows{_summary(rows)})")
     if skipped_path:
         print(f"skipped {len(skipped)} file(s): see {skipped_path}")
     return 0
+
+
+def _summary(rows: list[dict]) -> str:
+    """'; train 400, test 100; classes: glioma, meningioma' -- what the builder found."""
+    from collections import Counter
+
+    splits = Counter(r.get("split") or "unsplit" for r in rows)
+    names = {}
+    for r in rows:
+        if r.get("label_name") not in (None, "") and r.get("label") not in (None, ""):
+            names.setdefault(r["label"], r["label_name"])
+    parts = [", ".join(f"{s} {splits[s]}" for s in ("train", "val", "test", "unsplit") if splits.get(s))]
+    if names:
+        parts.append("classes: " + ", ".join(f"{k}={names[k]}" for k in sorted(names)))
+    return "; " + "; ".join(parts)
 
 
 def _config_records(config, overrides):
@@ -139,7 +166,7 @@ def cmd_card(args) -> int:
         records = read_manifest(args.manifest)
         name = args.name or Path(args.manifest).stem
         source = args.source or f"manifest {Path(args.manifest).name}"
-        extra = {}
+        extra, dropped = {}, 0
     else:
         cfg, bundle = _config_records(args.config, args.overrides)
         records = [r for s in ("train", "val", "test") for r in bundle.split(s)]
@@ -147,11 +174,12 @@ def cmd_card(args) -> int:
         source = args.source or bundle.source
         extra = {"preset": bundle.preset, "spatial_dims": cfg.data.spatial_dims,
                  "config_data": cfg.data.model_dump(mode="json", exclude={"path"})}
+        dropped = len(bundle.duplicates)
     for r in records:
         if r.get("label_name") not in (None, "") and r.get("label") not in (None, ""):
             label_names.setdefault(json.dumps(r["label"]), str(r["label_name"]))
     card = build_card(records, name=name, source=source, licence=args.licence, description=args.description,
-                      label_names=label_names, extra=extra)
+                      label_names=label_names, extra=extra, duplicates_dropped=dropped)
     md, js = write_card(card, args.out)
     print(f"data card: {md} and {js}")
     return 0

@@ -35,10 +35,11 @@ from medmim.data.checks import channel_first, check_pair, validate
 from medmim.data.fastpath import FastChain2D
 from medmim.data.presets import DEFAULT_FOR_MODALITY, crop_transforms, intensity_transform, preset_transforms
 from medmim.data.readers import read_image
-from medmim.data.splits import (apply_split_file, check_leakage, load_split_file, patient_split,
+from medmim.data.labels import check_labels
+from medmim.data.splits import (apply_split_file, check_leakage, handle_duplicates, load_split_file, patient_split,
                                 save_split_file)
 from medmim.errors import DataError
-from medmim.io import atomic_path
+from medmim.io import TEXT_ENCODING, atomic_path
 
 log = logging.getLogger("medmim.data")
 
@@ -65,6 +66,8 @@ class DataBundle:
     pool: list[dict] = field(default_factory=list)
     pool_info: dict = field(default_factory=dict)
     pretrain_on_labelled: bool = True
+    duplicates: list[dict] = field(default_factory=list)  # dropped as byte-identical to another split's image
+    class_names: list[str] | None = None  # data.class_names, given or read from the manifest (medmim.data.labels)
 
     def split(self, name: str) -> list[dict]:
         return self.records.get(name, [])
@@ -90,7 +93,7 @@ def write_skipped(skipped: list[dict], path: str | Path) -> Path | None:
             seen.add(key)
             rows.append({"file": s.get("file", ""), "reason": s.get("reason", "")})
     with atomic_path(path) as tmp:
-        with open(tmp, "w", newline="") as fh:
+        with open(tmp, "w", newline="", **TEXT_ENCODING) as fh:  # odd (non-UTF-8) file names survive
             w = csv.DictWriter(fh, fieldnames=["file", "reason"])
             w.writeheader()
             w.writerows(rows)
@@ -140,6 +143,8 @@ def prepare_data(cfg: Config) -> DataBundle:
     records, default_preset, source = _source_records(dc)
     assign_splits(records, dc, cfg.run.seed)
     check_leakage(records)
+    records, duplicates = handle_duplicates(records, dc.duplicates)  # byte-identical images across splits
+    check_labels(records, cfg)  # one-line errors; fills data.num_classes / class_names when empty
     by_split: dict[str, list[dict]] = {"train": [], "val": [], "test": []}
     for r in records:
         by_split.setdefault(r["split"], []).append(r)
@@ -151,7 +156,8 @@ def prepare_data(cfg: Config) -> DataBundle:
         raise DataError(f"{source}: no training images")
     bundle = DataBundle(records=by_split, spatial_dims=dc.spatial_dims, preset=dc.preset or default_preset,
                         fingerprint=mf.records_fingerprint(records), source=source,
-                        num_classes=dc.num_classes, pretrain_on_labelled=dc.pretrain_on_labelled)
+                        num_classes=dc.num_classes, pretrain_on_labelled=dc.pretrain_on_labelled,
+                        duplicates=duplicates, class_names=dc.class_names)
     if dc.unlabelled or (dc.source == "phantoms" and dc.phantoms.pool_patients):
         from medmim.data.pool import attach_pool
 
@@ -630,7 +636,7 @@ def set_loader_epoch(loader: DataLoader, epoch: int) -> None:
 def summarize(bundle: DataBundle) -> dict[str, Any]:
     counts = {s: len(r) for s, r in bundle.records.items()}
     out = {"source": bundle.source, "fingerprint": bundle.fingerprint, "preset": bundle.preset,
-           "counts": counts, "skipped": len(bundle.skipped)}
+           "counts": counts, "skipped": len(bundle.skipped), "duplicates_dropped": len(bundle.duplicates)}
     if bundle.pool_info:
         out["pretraining_pool"] = bundle.pool_info
     return out

@@ -18,7 +18,7 @@ from typing import Iterable
 import numpy as np
 
 from medmim.errors import DataError
-from medmim.io import atomic_path
+from medmim.io import TEXT_ENCODING, atomic_path
 
 COLUMNS = ["image", "label", "patient_id", "study_id", "series_id", "split", "mask", "modality", "frame"]
 PATH_COLUMNS = ("image", "mask")
@@ -41,39 +41,73 @@ def _parse_label(value):
             return text
 
 
+# manifests are UTF-8; file names that are not (raw bytes on POSIX) round-trip through surrogateescape
+ENCODING = TEXT_ENCODING
+
+
+def _read_rows(path: Path) -> list[dict]:
+    """The raw rows of a CSV or JSON-lines manifest; one-line DataErrors for unusable files."""
+    with open(path, "rb") as fh:
+        head = fh.read(8192)
+    if b"\x00" in head:
+        raise DataError(f"{path}: not a text manifest (binary content); expected a CSV or JSON-lines file "
+                        "with an 'image' column")
+    if path.suffix in (".jsonl", ".json"):
+        rows = []
+        with open(path, **ENCODING) as fh:
+            for n, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"{path}: line {n} is not valid JSON ({exc.msg})") from None
+                if not isinstance(row, dict):
+                    raise DataError(f"{path}: line {n} is not a JSON object")
+                row["_row"] = f"{path.name} line {n}"
+                rows.append(row)
+        return rows
+    try:
+        with open(path, newline="", **ENCODING) as fh:
+            return list(csv.DictReader(fh))
+    except csv.Error as exc:
+        raise DataError(f"{path}: not a readable CSV ({exc})") from None
+
+
 def read_manifest(path: str | Path) -> list[dict]:
     """Read a manifest; paths become absolute; a missing column or file is named in the error."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: manifest not found")
-    if path.suffix in (".jsonl", ".json"):
-        rows = []
-        for n, line in enumerate(path.read_text().splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{path}: line {n} is not valid JSON ({exc.msg})") from None
-    else:
-        with open(path, newline="") as fh:
-            rows = list(csv.DictReader(fh))
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder, not a manifest file; build one with "
+                        f"'medmim data manifest --from folder {path} --out manifest.csv'")
+    rows = _read_rows(path)
     if not rows:
         raise DataError(f"{path}: manifest has no rows")
     if "image" not in rows[0]:
-        raise DataError(f"{path}: manifest needs an 'image' column (found: {', '.join(rows[0])})")
+        found = ", ".join(str(k) for k in rows[0] if k is not None)
+        raise DataError(f"{path}: manifest needs an 'image' column (found: {found or 'none'})")
     base = path.parent
     for n, row in enumerate(rows, 2):
+        row.pop(None, None)  # csv: values beyond the header
         if not row.get("image"):
             raise DataError(f"{path}: row {n} has an empty 'image'")
         for col in PATH_COLUMNS:
             if row.get(col):
                 p = Path(row[col])
                 row[col] = str(p if p.is_absolute() else (base / p))
-        row["label"] = _parse_label(row.get("label"))
+        try:
+            row["label"] = _parse_label(row.get("label"))
+        except ValueError:
+            raise DataError(f"{path}: row {n}: label {row.get('label')!r} is not a number or a JSON list") from None
+        row.setdefault("_row", f"{path.name} row {n}")  # where the row came from, for error messages
         row.setdefault("patient_id", "")
         if not row["patient_id"]:
             row["patient_id"] = Path(row["image"]).stem
-        row["split"] = row.get("split") or ""
+        row["split"] = (row.get("split") or "").strip()
+        if row["split"] and row["split"] not in ("train", "val", "test"):
+            raise DataError(f"{path}: row {n}: split '{row['split']}' is not train, val or test (or empty)")
     return rows
 
 
@@ -91,13 +125,16 @@ def write_manifest(rows: Iterable[dict], path: str | Path, relative_to: str | Pa
                     pass
         if isinstance(r.get("label"), list):
             r["label"] = json.dumps(r["label"])
+    for r in rows:
+        for k in [k for k in r if str(k).startswith("_")]:  # private keys (e.g. _row) are not data
+            del r[k]
     fields = COLUMNS + sorted({k for r in rows for k in r} - set(COLUMNS))
     with atomic_path(path) as tmp:
         if path.suffix == ".jsonl":
-            tmp.write_text("".join(json.dumps(r, default=str) + "\n" for r in rows))
+            tmp.write_text("".join(json.dumps(r, default=str) + "\n" for r in rows), encoding="utf-8")
         else:
-            with open(tmp, "w", newline="") as fh:
-                w = csv.DictWriter(fh, fieldnames=fields)
+            with open(tmp, "w", newline="", **ENCODING) as fh:
+                w = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
                 w.writeheader()
                 w.writerows(rows)
     return path
@@ -112,7 +149,7 @@ def records_fingerprint(records: list[dict]) -> str:
             text = str(img)
             file, _, entry = text.partition("#")  # "data.npz#train_images/3": an npz entry
             p = Path(file)
-            h.update((p.name + ("#" + entry if entry else "")).encode())
+            h.update((p.name + ("#" + entry if entry else "")).encode("utf-8", "surrogatepass"))
             if p.is_dir():  # a DICOM series: which series / time point, and how many files
                 h.update(repr((r.get("series_id"), r.get("frame"), r.get("n_files"))).encode())
             else:

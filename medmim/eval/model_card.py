@@ -196,7 +196,8 @@ def model_card(run_dir: str | Path, cfg, data=None, *, runtime=None, n_images: i
     parts += [_table(facts), ""]
     if data is not None:
         head, rows = _split_counts(data)
-        names = resolve_class_names(max(cfg.data.num_classes, 1), cfg.model_dump(mode="json"), card)
+        names = resolve_class_names(max(cfg.data.num_classes or data.num_classes or 0, 1),
+                                    cfg.model_dump(mode="json"), card)
         head = [h if not h.startswith("class ") or not h[6:].isdigit() or int(h[6:]) >= len(names)
                 or names[int(h[6:])] == h[6:] else f"{h} ({names[int(h[6:])]})" for h in head]
         parts += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

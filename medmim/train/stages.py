@@ -16,6 +16,7 @@ import torch
 from medmim.config import Config
 from medmim.data.dataset import (DataBundle, augment_transforms, make_loader, materialize, pretrain_transforms,
                                  without_labels)
+from medmim.data.labels import check_supervised, fill_inferred
 from medmim.data.splits import label_fraction
 from medmim.errors import MedmimError
 from medmim.eval.model_card import write_model_card
@@ -104,6 +105,7 @@ def labelled_items(cfg: Config, data: DataBundle, seed: int, with_mask: bool = F
     val_records = data.split("val")
     if fc.val_labels == "fraction" and val_records:
         val_records = label_fraction(val_records, fc.label_fraction, seed=seed)
+    check_supervised(train_records, val_records, data.split("test"), cfg)  # one-line errors before training
     return tuple(materialize(records, cfg.data, data.preset, with_mask=with_mask, skipped=data.skipped)
                  for records in (train_records, val_records, data.split("test")))
 
@@ -175,6 +177,7 @@ def supervised_stage(head: SupervisedHead, cfg: Config, data: DataBundle, run: R
     if finished is not None:
         return finished
     t_data = time.perf_counter()
+    fill_inferred(cfg, data)  # data.num_classes / class_names read from the labels, when the config has none
     run.save_config(cfg)  # `medmim predict` rebuilds the model from it
     train_items, val_items, test_items = labelled_items(cfg, data, seed, with_mask=head.with_mask)
     head.check(cfg, train_items, val_items, test_items)
