@@ -163,8 +163,10 @@ def from_csv(path: str | Path, *, image_col: str = "image", label_col: str | Non
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: CSV not found")
+    from medmim.data.manifest import check_text_file
     from medmim.io import TEXT_ENCODING
 
+    check_text_file(path, "CSV")
     try:
         with open(path, newline="", **TEXT_ENCODING) as fh:
             data = list(csv.DictReader(fh))
@@ -200,6 +202,8 @@ def from_decathlon(dataset_json: str | Path) -> list[dict]:
     """A Decathlon ``dataset.json``: training pairs become image + mask rows (split left to the
     patient split), ``test`` images become split ``test`` rows without masks."""
     dataset_json = Path(dataset_json)
+    if dataset_json.is_dir():  # the task folder: its dataset.json
+        dataset_json = dataset_json / "dataset.json"
     if not dataset_json.exists():
         raise DataError(f"{dataset_json}: dataset.json not found")
     try:

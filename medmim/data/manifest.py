@@ -45,13 +45,20 @@ def _parse_label(value):
 ENCODING = TEXT_ENCODING
 
 
-def _read_rows(path: Path) -> list[dict]:
-    """The raw rows of a CSV or JSON-lines manifest; one-line DataErrors for unusable files."""
+def check_text_file(path: Path, what: str = "manifest") -> None:
+    """Refuse a folder or a binary file (an image, an npz, a spreadsheet) passed where text is expected."""
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder, not a {what} file")
     with open(path, "rb") as fh:
         head = fh.read(8192)
-    if b"\x00" in head:
-        raise DataError(f"{path}: not a text manifest (binary content); expected a CSV or JSON-lines file "
+    if b"\x00" in head or head[:4] in (b"\xff\xd8\xff\xe0", b"\x89PNG", b"PK\x03\x04"):
+        raise DataError(f"{path}: not a text {what} (binary content); expected a CSV or JSON-lines file "
                         "with an 'image' column")
+
+
+def _read_rows(path: Path) -> list[dict]:
+    """The raw rows of a CSV or JSON-lines manifest; one-line DataErrors for unusable files."""
+    check_text_file(path)
     if path.suffix in (".jsonl", ".json"):
         rows = []
         with open(path, **ENCODING) as fh:
