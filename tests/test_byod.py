@@ -268,3 +268,13 @@ def test_non_utf8_and_odd_names_end_to_end(tmp_path, capsys):
     jsonl = tmp_path / "m.jsonl"
     write_manifest(rows, jsonl)
     assert sorted(r["image"] for r in read_manifest(jsonl)) == sorted(r["image"] for r in rows)
+
+
+def test_unlabelled_named_test_rows_do_not_fix_the_test_set():
+    """Decathlon imagesTs rows (split 'test', no label, no mask) leave the labelled pairs a three-way split."""
+    pairs = [{"image": f"/x/{i}.nii.gz", "mask": f"/x/{i}_seg.nii.gz", "label": "", "patient_id": f"p{i}", "split": ""}
+             for i in range(40)]
+    hidden = [{"image": f"/x/ts{i}.nii.gz", "mask": "", "label": "", "patient_id": f"t{i}", "split": "test"}
+              for i in range(5)]
+    patient_split(pairs + hidden, 0.2, 0.2, seed=0)
+    assert {r["split"] for r in pairs} == {"train", "val", "test"}

@@ -45,14 +45,14 @@ def patient_split(records: list[dict], val_fraction: float, test_fraction: float
 
     Records that already carry a split keep it; a patient that already has a split elsewhere in
     ``records`` joins that split (never two splits for one patient). When the source names splits
-    (any record's ``split`` column, or split folders; a split file does not count), it has chosen
-    its test set: records without a split go to train and val only, never silently to test. A
+    (the ``split`` column or split folders of labelled rows; a split file does not count), it has
+    chosen its test set: records without a split go to train and val only, never silently to test. A
     source that names train but no val split gives ``val_fraction`` of its train patients to val
     (model selection needs one); test is never drawn from train.
     """
     if val_fraction + test_fraction >= 1:
         raise DataError(f"val_fraction + test_fraction must be < 1, got {val_fraction} + {test_fraction}")
-    named = {r.get("split") for r in records if r.get("split") and r.get("_split_from") != "file"}
+    named = {r.get("split") for r in records if r.get("split") and r.get("_split_from") != "file" and _labelled(r)}
     if named:
         if "val" not in named and val_fraction > 0:  # val comes from the source's train patients
             for r in records:
@@ -82,6 +82,13 @@ def patient_split(records: list[dict], val_fraction: float, test_fraction: float
             split = "test" if i < n_test else "val" if i < n_test + n_val else "train"
             for r in patients[pid]:
                 r["split"] = split
+
+
+def _labelled(record: dict) -> bool:
+    """A row that can be evaluated (a label or a mask). Named splits of rows without either -- e.g. a
+    Decathlon dataset's imagesTs, whose labels are withheld -- do not fix the source's test set."""
+    label = record.get("label")
+    return (label not in (None, "") and not (isinstance(label, float) and math.isnan(label))) or bool(record.get("mask"))
 
 
 def check_leakage(records: list[dict]) -> None:
