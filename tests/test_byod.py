@@ -278,3 +278,11 @@ def test_unlabelled_named_test_rows_do_not_fix_the_test_set():
               for i in range(5)]
     patient_split(pairs + hidden, 0.2, 0.2, seed=0)
     assert {r["split"] for r in pairs} == {"train", "val", "test"}
+
+
+def test_split_folders_of_unlabelled_images(tmp_path):
+    for s in ("train", "test"):
+        for i in range(2):
+            _img(tmp_path / s / f"{i}.png")
+    rows = from_folder(tmp_path)
+    assert len(rows) == 4 and {r["split"] for r in rows} == {"train", "test"} and {r["label"] for r in rows} == {""}

@@ -116,7 +116,8 @@ def from_folder(root: str | Path, *, modality: str = "", patient_regex: str | No
             if p.name not in splits and skipped is not None:
                 skipped.append({"file": str(p), "reason": "top-level folder not mapped to a split (--split-dirs)"})
     classes = sorted({p.name for base, _ in groups for p in _visible_dirs(base)}, key=os.fsencode)
-    if not classes:
+    loose = splits and any(p.is_file() for base, _ in groups for p in base.iterdir())
+    if not classes and not loose:  # (split folders of loose images: unlabelled rows, e.g. for pretraining)
         where = f"{groups[0][0]}/<class name>/<images>" if splits else f"{root}/<class name>/<images>"
         raise DataError(f"{root}: no class sub-folders (expected {where})")
     label_of = {name: i for i, name in enumerate(classes)}
