@@ -36,6 +36,8 @@ def _make_run(tmp_path: Path, overrides: list[str], preset: str, name: str = "cl
     from medmim.models.heads import Classifier
     from medmim.train.checkpoint import save_checkpoint
 
+    if not any(o.startswith("data.num_classes=") for o in overrides):
+        overrides = [*overrides, "data.num_classes=2"]  # as the trained run's config.yaml records it
     cfg = load_config(None, [*overrides, *TINY_VIT, f"run.name={name}", f"run.out_dir={tmp_path / 'runs'}",
                              "run.device=cpu", "run.num_threads=1", "finetune.bootstrap=50"])
     run = tmp_path / "runs" / name

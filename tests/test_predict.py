@@ -130,18 +130,20 @@ def test_padded_picture_keeps_its_aspect_and_mask_returns_to_source_grid(tmp_pat
     picture scaled by its longest side and padded (not stretched); the mask comes back at 20x28."""
     from PIL import Image
 
-    pic = np.zeros((20, 28), np.uint8)
+    pic = np.full((20, 28), 40, np.uint8)  # a grey background, so the padding (0) is told apart
     pic[4:16, 6:22] = 255
     Image.fromarray(pic).save(tmp_path / "wide.png")
-    model = seg_predictor(2, image_size=14, extra=("encoder.patch_size=2",))  # a ViT needs size % patch == 0
+    model = seg_predictor(2, image_size=16)
     image = model.read(tmp_path / "wide.png")
-    assert tuple(image.shape) == (1, 14, 14)
-    rows_with_signal = np.where(image[0].numpy().max(1) > 0)[0]
-    assert rows_with_signal.min() >= 2 and rows_with_signal.max() <= 11  # picture occupies rows 2..11 only
+    assert tuple(image.shape) == (1, 16, 16)
+    rows_with_picture = np.where(image[0].numpy().max(1) > 0)[0]
+    # 28 -> 16 columns, 20 -> round(11.4) = 11 rows, padded symmetrically (2 above, 3 below)
+    np.testing.assert_array_equal(rows_with_picture, np.arange(2, 13))
+    assert image[0].numpy()[2:13].min() > 0  # every column holds picture: the width is not padded
     res = predict(None, [tmp_path / "wide.png"], tmp_path / "out", predictor=model, progress=False)
     mask = np.array(Image.open(res.outputs[0]))
     assert mask.shape == (20, 28)
-    truth = pic > 0
+    truth = pic > 128
     assert 2 * (mask.astype(bool) & truth).sum() / (mask.astype(bool).sum() + truth.sum()) > 0.9
 
 
