@@ -158,9 +158,9 @@ def load_run_model(ckpt_path: Path, cfg: Config) -> torch.nn.Module:
     from medmim.models import encoder_from_config
     from medmim.train.checkpoint import safe_torch_load
 
+    state = safe_torch_load(ckpt_path)["model"]
     if cfg.finetune.head != "segment" and not cfg.data.num_classes:
         raise MedmimError(f"{ckpt_path}: the run's config.yaml records no data.num_classes; cannot rebuild its head")
-    state = safe_torch_load(ckpt_path)["model"]
     encoder = encoder_from_config(cfg.encoder, cfg.data.spatial_dims, cfg.data.image_size)
     if cfg.finetune.head == "segment":
         from medmim.models.segmentation import Segmenter
