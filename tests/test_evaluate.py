@@ -353,3 +353,28 @@ def test_multilabel_run_per_label_tables_match_sklearn(tmp_path):
             assert row["sensitivity"] == pytest.approx(tp / (tp + fn))
         if tn + fp:
             assert row["specificity"] == pytest.approx(tn / (tn + fp))
+
+
+def test_a_real_finetune_run_replays_in_evaluate_and_predict(tmp_path):
+    """`medmim finetune` (tiny, 2D phantoms) writes a run that `evaluate` and `predict` replay: the
+    per-image probabilities on the test split agree to 1e-5, and the run is left untouched."""
+    from conftest import TINY
+
+    from medmim.data.manifest import read_manifest
+
+    common = [f"run.out_dir={tmp_path / 'runs'}", f"data.phantoms.out_dir={tmp_path / 'data'}", "run.name=e2e",
+              "run.device=cpu", "run.num_threads=1", "finetune.bootstrap=20", "finetune.epochs=1", *TINY]
+    assert main(["finetune", "--init", "scratch", *common]) == 0
+    run = tmp_path / "runs" / "e2e"
+    before = _tree_digest(run)
+    assert main(["evaluate", str(run / "finetune"), "-o", str(tmp_path / "ev")]) == 0
+    assert _tree_digest(run) == before
+    ev = _probs(tmp_path / "ev" / "predictions.csv", ["0", "1"])
+    test_files = [Path(r["image"]) for r in read_manifest(next((tmp_path / "data").rglob("manifest.csv")))
+                  if str(Path(r["image"]).resolve()) in ev]
+    assert len(test_files) == len(ev) > 0
+    assert main(["predict", str(run), *map(str, test_files[:8]), "-o", str(tmp_path / "pr")]) == 0
+    pr = _probs(tmp_path / "pr" / "predictions.csv", ["0", "1"])
+    assert len(pr) == min(8, len(test_files))
+    for key, p in pr.items():
+        np.testing.assert_allclose(p, ev[key], atol=1e-5, err_msg=key)
