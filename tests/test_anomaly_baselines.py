@@ -72,6 +72,7 @@ def test_comparison_chooses_on_val_and_says_when_the_detector_loses():
     # the detector (noise 1.5) beats stat_a on test (noise 5) but loses to stat_b: the margin says so
     assert cmp["beats_best_baseline"] and cmp["verdict"].startswith("detector BEATS")
     assert cmp["best_baseline_on_eval"]["margin"] < 0
+    assert "does NOT beat stat_b" in cmp["verdict"]  # said plainly, though stat_b was not chosen on val
     md = comparison_markdown(cmp, "test")
     assert "stat_b 0." in md and "chosen on val" in md
 

@@ -137,10 +137,13 @@ def compare_with_baselines(detector: str, y_val, val_scores: Mapping[str, np.nda
     else:
         verdict = (f"detector does NOT beat the best baseline ({best}, chosen on val): AUROC {det_a:.3f} vs "
                    f"{base_a:.3f}, difference {d['value']:+.3f} ({level}% CI {d['low']:+.3f} to {d['high']:+.3f})")
+    margin = det_a - cands[best_eval]["auroc"]
+    if best_eval != best and not margin > 0:
+        verdict += (f"; and it does NOT beat {best_eval} ({cands[best_eval]['auroc']:.3f}), the best baseline on "
+                    f"this split itself")
     return {"detector_score": detector, "candidates": cands, "best_baseline": best,
             "detector": ci["detector"], "baseline": ci["baseline"], "difference": d,
-            "best_baseline_on_eval": {"name": best_eval, "auroc": cands[best_eval]["auroc"],
-                                      "margin": det_a - cands[best_eval]["auroc"]},
+            "best_baseline_on_eval": {"name": best_eval, "auroc": cands[best_eval]["auroc"], "margin": margin},
             "beats_best_baseline": beats, "verdict": verdict, "n_boot": int(n_boot), "alpha": alpha}
 
 
