@@ -39,7 +39,9 @@ def _make_run(tmp_path: Path, overrides: list[str], preset: str, name: str = "cl
     if not any(o.startswith("data.num_classes=") for o in overrides):
         overrides = [*overrides, "data.num_classes=2"]  # as the trained run's config.yaml records it
     cfg = load_config(None, [*overrides, *TINY_VIT, f"run.name={name}", f"run.out_dir={tmp_path / 'runs'}",
-                             "run.device=cpu", "run.num_threads=1", "finetune.bootstrap=50"])
+                             "run.device=cpu", "run.num_threads=1", "finetune.bootstrap=50",
+                             *([] if any(o.startswith("data.num_classes=") for o in overrides) else
+                               ["data.num_classes=2"])])  # a real run's config.yaml has it filled from the data
     run = tmp_path / "runs" / name
     (run / "finetune" / "checkpoints").mkdir(parents=True)
     (run / "config.yaml").write_text(dump_config(cfg))
