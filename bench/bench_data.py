@@ -15,7 +15,7 @@ Sections (each generates its data in a temporary folder; nothing is downloaded):
 * ``share``: pretraining steps on a warm disk cache of 224² images (random resized crop on the device):
   MAE ViT-S/16 and SparK ResNet-18, DataLoader with 1 and 2 workers. Data share = 1 − (model-only
   step time) / (step time), model-only = the same steps on one batch held in memory.
-* ``rss``: peak resident memory (``ru_maxrss`` of a child process) of materialising + one pretraining
+* ``rss``: peak resident memory (``VmHWM`` of a fresh child process) of materialising + one pretraining
   epoch (tiny MAE) over N tiny PNGs, for ``--rss-counts``; disk cache, and the memory cache as the
   baseline that grows with N.
 
@@ -30,7 +30,6 @@ import datetime as dt
 import json
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import sys
@@ -255,8 +254,10 @@ for batch in loader:
     loss = task.training_step(task.model, augment_batch(loader, batch))["loss"]
     loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
     steps += 1
+# VmHWM: this process's peak RSS since exec (ru_maxrss would carry the high-water mark of the forked parent)
+hwm = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
 print(json.dumps(dict(n=len(items), steps=steps, materialize_s=t_mat, epoch_s=time.perf_counter() - t,
-                      maxrss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)))
+                      maxrss_mb=hwm / 1024)))
 """
 
 
@@ -303,7 +304,9 @@ def section_rss(args, tmp: Path) -> list[str]:
     mem_slope = ((mem[-1][1] - mem[0][1]) * 1024 * 1024 / max(1, mem[-1][0] - mem[0][0])) if len(mem) > 1 else float("nan")
     lines += ["", f"Disk cache: peak RSS grows by **{slope:.0f} bytes per image** from {d[0][0]:,} to {d[-1][0]:,} "
               f"images (the manifest rows and the cache's offset table); the pixels (32² float32 = 4,096 bytes "
-              f"per image) are not held. Memory cache (baseline): {mem_slope:.0f} bytes per image.", ""]
+              f"per image) are not held. Memory cache (baseline): {mem_slope:.0f} bytes per image. The disk runs "
+              "share one cache folder, so each run computes only the images the previous one did not have "
+              f"(materialise = lookup + the new images), as stages and study cells do.", ""]
     return lines
 
 
@@ -327,8 +330,10 @@ def main(argv=None) -> int:
     try:
         for name in args.sections.split(","):
             t = time.perf_counter()
-            body += globals()[f"section_{name.strip()}"](args, tmp / name)
-            print(f"[{name}] {time.perf_counter() - t:.0f} s", file=sys.stderr)
+            lines = globals()[f"section_{name.strip()}"](args, tmp / name)
+            body += lines
+            print("\n".join(lines), f"[{name}] {time.perf_counter() - t:.0f} s", sep="\n", file=sys.stderr, flush=True)
+            shutil.rmtree(tmp / name, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     cmd = "python bench/bench_data.py " + " ".join(argv if argv is not None else sys.argv[1:])
