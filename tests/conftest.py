@@ -27,4 +27,5 @@ TINY = [
     "encoder.embed_dim=32", "encoder.depth=1", "encoder.num_heads=2", "encoder.patch_size=4",
     "pretrain.decoder_dim=16", "pretrain.decoder_depth=1", "pretrain.epochs=2", "pretrain.batch_size=16",
     "finetune.epochs=2", "finetune.batch_size=8", "study.seeds=[0]",
+    "data.phantoms.pool_patients=0",  # the demo's 1000-patient pool is tested in tests/test_pool.py
 ]
