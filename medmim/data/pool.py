@@ -47,47 +47,34 @@ __all__ = ["content_hash", "detect_kind", "source_records", "build_pool", "attac
 
 PRESET_KEY = "_preset"  # per-record preset: materialize() groups records by it (medmim.data.dataset)
 SALT_ENV = "MEDMIM_SALT"
-_CHUNK = 1 << 20
 
 
 # ---- content hashing ---------------------------------------------------------------------------------
-def _array_digest(arr) -> str:
-    a = np.ascontiguousarray(np.asarray(arr))
-    h = hashlib.sha256(b"array\0" + a.dtype.str.encode() + b"\0" + repr(a.shape).encode() + b"\0")
-    h.update(memoryview(a).cast("B"))
-    return h.hexdigest()
-
-
-def _file_digest(path: Path, h=None) -> str:
-    h = h or hashlib.sha256(b"file\0")
-    with open(path, "rb") as fh:
-        while block := fh.read(_CHUNK):
-            h.update(block)
-    return h.hexdigest()
-
-
+# One hash for every caller: medmim.data.splits.content_hash (a file's bytes; an array's shape, dtype
+# and bytes), which the cross-split duplicate check uses too; extended here to DICOM series folders
+# and to time points of 4D files.
 def content_hash(ref, *, series_id: str | None = None, frame: int | str | None = None) -> str:
-    """SHA-256 of what an image reference holds: a file's bytes; an npz entry's (or an in-memory
-    array's) pixel bytes with dtype and shape; a DICOM series folder's files (sorted) plus the time
-    point. Two references with the same hash hold the same image, wherever they live."""
+    """The content hash of an image reference: a file's bytes; an npz entry's (or an in-memory
+    array's) pixels with dtype and shape (``medmim.data.splits.content_hash``); for a DICOM series
+    folder, the hashes of its files (sorted by name); plus the time point when one is given. Two
+    references with the same hash hold the same image, wherever they live."""
+    from medmim.data.splits import content_hash as record_content_hash
+
     if isinstance(ref, np.ndarray) or type(ref).__module__.startswith("torch"):
-        return _array_digest(np.asarray(ref))
+        return record_content_hash({"image": np.asarray(ref)})
     text = str(ref)
     if NPZ_REF.match(text):
-        return _array_digest(npz_entry(text))
+        return record_content_hash({"image": text})
     path = Path(text)
     if not path.exists():
         raise DataError(f"{path}: file not found")
     if path.is_dir():
         from medmim.data.dicom import series_files
 
-        h = hashlib.sha256(b"series\0")
-        for f in sorted(series_files(path, series_id or None), key=lambda p: p.name):
-            h.update(_file_digest(f).encode())
-        if frame not in (None, ""):
-            h.update(f"frame={int(frame)}".encode())
-        return h.hexdigest()
-    digest = _file_digest(path)
+        files = sorted(series_files(path, series_id or None), key=lambda p: p.name)
+        digest = hashlib.sha256("".join(record_content_hash({"image": str(f)}) for f in files).encode()).hexdigest()
+    else:
+        digest = record_content_hash({"image": text})
     if frame not in (None, ""):
         digest = hashlib.sha256(f"{digest}|frame={int(frame)}".encode()).hexdigest()
     return digest
