@@ -18,6 +18,7 @@ metrics on the model's grid) and ``metrics.json`` (per-class and mean Dice / HD9
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 from typing import Callable
@@ -25,9 +26,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from medmim.config import Config, dump_config, with_overrides
+from medmim.config import dump_config, with_overrides
 from medmim.errors import DataError, MedmimError
-from medmim.io import atomic_path, write_csv, write_json, write_text
+from medmim.io import write_csv, write_json, write_text
 from medmim.predict import class_names, find_run, load_run_model
 
 PER_CLASS = ("sensitivity", "specificity", "precision", "f1")
@@ -141,10 +142,9 @@ def plot_confusion(cm: np.ndarray, names: list[str], path: Path, multilabel: boo
     for (i, j), v in np.ndenumerate(cm):
         ax.text(j, i, str(int(v)), ha="center", va="center", color="white" if v > top / 2 else "black")
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return path
+    from medmim.eval.plots import save_figure
+
+    return save_figure(fig, path)
 
 
 def _fmt(v) -> str:
@@ -229,7 +229,7 @@ def evaluate_run(run_dir: str | Path, *, split: str = "test", out_dir: str | Pat
 
         bar = Progress(TextColumn(f"evaluate {split}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                        console=Console(file=err), transient=False)
-    with (bar if bar is not None else _Null()):
+    with (bar if bar is not None else contextlib.nullcontext()):
         if bar is not None:
             task = bar.add_task("evaluate", total=len(records))
         for r in records:
@@ -335,10 +335,3 @@ def evaluate_run(run_dir: str | Path, *, split: str = "test", out_dir: str | Pat
     log(f"results: {out}")
     return result
 
-
-class _Null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False

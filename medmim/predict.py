@@ -20,6 +20,7 @@ other inputs still get their predictions.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -362,7 +363,7 @@ def predict(run_dir: str | Path, inputs: Iterable[str | Path], out_dir: str | Pa
 
         bar = Progress(TextColumn("predict"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                        console=Console(file=err), transient=False)
-    ctx = bar if bar is not None else _Null()
+    ctx = bar if bar is not None else contextlib.nullcontext()
     with ctx:
         task = bar.add_task("predict", total=len(items)) if bar is not None else None
         for inp in items:
@@ -390,10 +391,3 @@ def predict(run_dir: str | Path, inputs: Iterable[str | Path], out_dir: str | Pa
         write_csv(out_dir / "errors.csv", result.failures, ["file", "reason"])
     return result
 
-
-class _Null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False

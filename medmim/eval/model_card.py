@@ -19,7 +19,7 @@ import platform
 from pathlib import Path
 from typing import Any
 
-from medmim.io import sha256_file, write_text
+from medmim.io import read_jsonl, sha256_file, write_text
 
 CARD_NAME = "model_card.md"
 
@@ -30,22 +30,6 @@ def _read_json(path: Path) -> dict:
     except (OSError, ValueError):
         return {}
     return obj if isinstance(obj, dict) else {}
-
-
-def _metrics(path: Path) -> list[dict]:
-    out = []
-    try:
-        lines = path.read_text().splitlines()
-    except OSError:
-        return out
-    for line in lines:
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(rec, dict) and "train_loss" in rec:
-            out.append(rec)
-    return out
 
 
 def _param_count(weights: Path) -> int | None:
@@ -146,7 +130,7 @@ def model_card(run_dir: str | Path, cfg, data=None, *, runtime=None, n_images: i
     card = scrub_identifiers(card or {})
     pc, enc, dc = cfg.pretrain, cfg.encoder, cfg.data
     done = _read_json(run / "done.json")
-    recs = _metrics(run / "metrics.jsonl")
+    recs = [r for r in read_jsonl(run / "metrics.jsonl") if "train_loss" in r]
     times = done.get("time_s") or {}
     total_s = sum(float(r.get("epoch_time_s") or 0) for r in recs) + float(times.get("val", 0) or 0)
     n_params = _param_count(weights) if weights.exists() else None

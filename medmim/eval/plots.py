@@ -52,10 +52,7 @@ def plot_label_efficiency(summary: list[dict], metric: str, path: str | Path, ti
     else:
         ax.text(0.5, 0.5, "no finished cells yet", transform=ax.transAxes, ha="center")
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def _finite(v) -> bool:
@@ -139,7 +136,7 @@ def plot_roc_pr(curves: dict[str, list[dict]], path: str | Path, title: str) -> 
     ax_pr.set_title(f"precision-recall ({average})", fontsize=9)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_confusion(matrices: dict[str, tuple], class_names: list[str], path: str | Path, title: str) -> Path:
@@ -170,7 +167,7 @@ def plot_confusion(matrices: dict[str, tuple], class_names: list[str], path: str
         ax.set_title(f"{init} ({seeds} seed{'s' if seeds != 1 else ''})", fontsize=9)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_learning_curves(cells: dict[str, list[tuple[int, list[dict]]]], path: str | Path, title: str,
@@ -210,10 +207,12 @@ def plot_learning_curves(cells: dict[str, list[tuple[int, list[dict]]]], path: s
             ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig, path: str | Path) -> Path:
+    """Write ``fig`` as a PNG atomically and close it."""
+    path = Path(path)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)

@@ -28,7 +28,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from medmim.io import write_text
+from medmim.io import read_jsonl, write_text
 
 PHI_KEYS = ("patient", "patientname", "patientid", "patient_id", "birth", "accession", "institution",
             "referringphysician", "otherpatient", "study_id", "studyinstanceuid", "seriesinstanceuid")
@@ -172,20 +172,6 @@ def _finite(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    out = []
-    try:
-        lines = path.read_text().splitlines()
-    except OSError:
-        return out
-    for line in lines:
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(rec, dict):
-            out.append(rec)
-    return out
 
 
 def _cell_predictions(study: Path, row: dict):
@@ -365,7 +351,7 @@ def _cell_figures(study: Path, img_dir: Path, rows: list[dict], preds: dict, cla
                              "counts summed over the seeds, shaded by the share of the true class"))
             runs: dict[str, list] = {}
             for r in group:
-                recs = _read_jsonl(study / "cells" / str(r["cell"]) / "metrics.jsonl")
+                recs = read_jsonl(study / "cells" / str(r["cell"]) / "metrics.jsonl")
                 recs = [m for m in recs if _finite(m.get("epoch"))]
                 if recs:
                     runs.setdefault(r["init"], []).append((r.get("seed", 0), recs))
@@ -483,13 +469,7 @@ def _pretrain_rows(study: Path) -> list[list[str]]:
     rows = []
     for pre in sorted(study.glob("pretrain-*")):
         meta = _read_json(pre / "encoder.json", {}) or {}
-        metrics = []
-        if (pre / "metrics.jsonl").exists():
-            for line in (pre / "metrics.jsonl").read_text().splitlines():
-                try:
-                    metrics.append(json.loads(line))
-                except ValueError:
-                    continue
+        metrics = read_jsonl(pre / "metrics.jsonl")
         secs = sum(m.get("epoch_time_s", 0) or 0 for m in metrics)
         status = "failed" if (pre / "error.txt").exists() and not (pre / "done.json").exists() else \
             ("done" if (pre / "done.json").exists() else "incomplete")
@@ -563,7 +543,7 @@ def study_context(study: Path, img_dir: Path | None = None) -> dict[str, Any]:
         val_epochs = None
         mfile = study / "cells" / str(r.get("cell", "")) / "metrics.jsonl"
         if mfile.exists():
-            val_epochs = sorted({int(m["epoch"]) for m in _read_jsonl(mfile)
+            val_epochs = sorted({int(m["epoch"]) for m in read_jsonl(mfile)
                                  if _finite(m.get("epoch")) and _finite(m.get("val_auroc"))})
         f = degenerate_flags({**r, "_num_classes": k, "_multilabel": multilabel}, preds.get(r.get("cell")),
                              val_epochs)

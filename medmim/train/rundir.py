@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from medmim.config import Config, dump_config
-from medmim.io import append_jsonl, write_json, write_text
+from medmim.io import append_jsonl, read_jsonl, write_json, write_text
 from medmim.train.distributed import current
 
 PACKAGES = ("medmim", "torch", "monai", "numpy", "nibabel", "pydicom", "SimpleITK", "scikit-image",
@@ -110,18 +110,7 @@ class RunDir:
 
     def read_metrics(self) -> list[dict[str, Any]]:
         """The metric records; a last line cut short by a killed process is ignored."""
-        f = self.path / "metrics.jsonl"
-        if not f.exists():
-            return []
-        out = []
-        for line in f.read_text().splitlines():
-            if not line.strip():
-                continue
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-        return out
+        return read_jsonl(self.path / "metrics.jsonl")
 
     def keep_metrics(self, keep: Callable[[dict[str, Any]], bool]) -> None:
         """Rewrite metrics.jsonl (atomically) with only the records ``keep`` accepts: a resumed stage
