@@ -100,7 +100,7 @@ class DataConfig(Section):
     test_fraction: float = Field(0.2, ge=0, lt=1)
     pretrain_on_test: bool = False  # test images never reach pretraining unless this is true
     max_train_images: Optional[int] = Field(None, ge=1)  # cap for quick runs
-    num_workers: int = Field(0, ge=0)
+    num_workers: int = Field(0, ge=0)  # processes preparing images, and DataLoader workers for training batches
     cache: Literal["none", "memory", "disk"] = "memory"
     cache_dir: str = "data/cache"  # cache=disk: one sub-folder per hash of the deterministic transforms
     strict: bool = False  # stop at the first unreadable file instead of skipping it

@@ -54,7 +54,8 @@ def pretrain_stage(cfg: Config, data: DataBundle, run: RunDir, runtime: Runtime,
     loader = make_loader(items, pc.batch_size, shuffle=True, seed=cfg.run.seed,
                          augment=augment_transforms(cfg.data, False, stage="pretrain") if pc.method == "simclr"
                          else pretrain_transforms(cfg.data),
-                         drop_last=True, rank=info.rank, world_size=info.world_size)
+                         drop_last=True, rank=info.rank, world_size=info.world_size,
+                         num_workers=cfg.data.num_workers)
     encoder = build_encoder_for(cfg)
     pretext = build_pretext(pc, encoder)
     task = PretrainTask(pretext)
@@ -185,7 +186,8 @@ def supervised_stage(head: SupervisedHead, cfg: Config, data: DataBundle, run: R
     info = current()
     bs = min(fc.batch_size, len(train_items))
     train_loader = make_loader(train_items, bs, shuffle=True, seed=seed, augment=head.augment(cfg),
-                               drop_last=len(train_items) > bs, rank=info.rank, world_size=info.world_size)
+                               drop_last=len(train_items) > bs, rank=info.rank, world_size=info.world_size,
+                               num_workers=cfg.data.num_workers)
 
     def eval_loader(items):
         return make_loader(items, head.eval_batch, shuffle=False, seed=seed, rank=info.rank,
