@@ -842,6 +842,7 @@ def section_data(out: dict, device, sizes, config: str | None, overrides: list[s
     from PIL import Image
 
     from medmim.config import load_config
+    from medmim.data.augment import augment_batch
     from medmim.data.dataset import make_loader, materialize, prepare_data, pretrain_transforms
     from medmim.data.manifest import write_manifest
     from medmim.models import build_pretext, encoder_from_config
@@ -890,7 +891,8 @@ def section_data(out: dict, device, sizes, config: str | None, overrides: list[s
             except StopIteration:
                 break
             t_data = time.perf_counter()
-            x = batch["image"].to(device, non_blocking=True)
+            # as the training loop: host-to-device copy, then the batched augmentation on the device
+            x = augment_batch(loader, {"image": batch["image"].to(device, non_blocking=True)})["image"]
             with autocast(device, device.type == "cuda"):
                 loss = model(x)["loss"]
             opt.zero_grad(set_to_none=True)
@@ -909,18 +911,9 @@ def section_data(out: dict, device, sizes, config: str | None, overrides: list[s
         del model, opt, loader
         _free(device)
     notes.append(f"{s['n_images']} synthetic 8-bit PNGs of {s['source_px']}² read by medmim's one chain and "
-                 f"resized to {s['img']}²; step = next(batch) + host-to-device copy + forward/backward/AdamW "
+                 f"resized to {s['img']}²; step = next(batch) + host-to-device copy + batched augmentation + forward/backward/AdamW "
                  "(bf16 autocast on CUDA) + one loss read, as the training loop does it")
     notes.append("config: " + (config or "medmim defaults") + ", overrides: " + " ".join(base))
-    try:  # is the knob this section measures wired into pretraining?
-        import inspect
-
-        from medmim.train import stages
-        if "num_workers" not in inspect.getsource(stages.pretrain_stage):
-            notes.append("NOTE: medmim's pretrain_stage builds its loader without data.num_workers, so a run "
-                         "loads with 0 workers whatever the config says; the rows above pass the config's value")
-    except (ImportError, AttributeError, OSError):
-        pass
     return {"rows": rows, "notes": notes}
 
 
