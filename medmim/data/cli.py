@@ -166,7 +166,7 @@ def cmd_card(args) -> int:
         records = read_manifest(args.manifest)
         name = args.name or Path(args.manifest).stem
         source = args.source or f"manifest {Path(args.manifest).name}"
-        extra, dropped = {}, 0
+        extra, dropped, pool = {}, 0, None
     else:
         cfg, bundle = _config_records(args.config, args.overrides)
         records = [r for s in ("train", "val", "test") for r in bundle.split(s)]
@@ -175,11 +175,12 @@ def cmd_card(args) -> int:
         extra = {"preset": bundle.preset, "spatial_dims": cfg.data.spatial_dims,
                  "config_data": cfg.data.model_dump(mode="json", exclude={"path"})}
         dropped = len(bundle.duplicates)
+        pool = bundle.pool_info  # the unlabelled pretraining pool, when data.unlabelled names one
     for r in records:
         if r.get("label_name") not in (None, "") and r.get("label") not in (None, ""):
             label_names.setdefault(json.dumps(r["label"]), str(r["label_name"]))
     card = build_card(records, name=name, source=source, licence=args.licence, description=args.description,
-                      label_names=label_names, extra=extra, duplicates_dropped=dropped)
+                      label_names=label_names, extra=extra, duplicates_dropped=dropped, pool=pool)
     md, js = write_card(card, args.out)
     print(f"data card: {md} and {js}")
     return 0
