@@ -15,6 +15,7 @@ from medmim.anomaly.memory import MemoryModule, addressing_entropy
 from medmim.config import Config
 from medmim.errors import ConfigError
 from medmim.models.mae import MAE
+from medmim.models.protocols import is_vit
 
 
 class MemoryMAE(MAE):
@@ -61,7 +62,7 @@ def build_anomaly_model(cfg: Config, encoder: nn.Module) -> nn.Module:
         from medmim.models import build_pretext
 
         return build_pretext(pc, encoder)
-    if pc.method != "mae" or encoder.__class__.__name__ != "ViT":
+    if pc.method != "mae" or not is_vit(encoder):
         raise ConfigError("anomaly.memory: the memory module sits between a ViT encoder and the MAE "
                           "decoder; use pretrain.method=mae with a vit_* encoder")
     from medmim.masking import build_mask_generator

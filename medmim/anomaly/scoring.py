@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from medmim.masking.base import check_grid, num_masked, rand
+from medmim.models.patches import upsample_mask
 
 ERRORS = ("l2", "l1", "ssim")
 IMAGE_SCORES = ("mean", "max", "topk")
@@ -58,14 +59,6 @@ def covering_masks(batch_size: int, grid: Sequence[int], ratio: float, num_masks
     masks.scatter_(2, cells, True)
     masks = masks.reshape(batch_size, num_masks, *grid)
     return masks.to(device) if device is not None else masks
-
-
-def upsample_mask(mask: torch.Tensor, patch: int) -> torch.Tensor:
-    """Patch-grid mask ``(B, *grid)`` -> pixel mask ``(B, *spatial)``."""
-    out = mask
-    for axis in range(1, mask.ndim):
-        out = out.repeat_interleave(patch, dim=axis)
-    return out
 
 
 # ---- Gaussian filtering and SSIM (MONAI's) ------------------------------------------------------

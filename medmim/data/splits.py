@@ -116,14 +116,6 @@ def check_leakage(records: list[dict]) -> None:
                         f"(e.g. {dup[0].split('|')[0]})")
 
 
-def split_counts(records: list[dict]) -> dict[str, dict[str, int]]:
-    """{split: {label: count}}"""
-    out: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
-    for r in records:
-        out[r.get("split") or ""][_strat_key(r.get("label"))] += 1
-    return {s: dict(c) for s, c in out.items()}
-
-
 def save_split_file(records: list[dict], path: str | Path, **info) -> Path:
     """Write ``{"patients": {patient_id: split}, ...info}`` atomically."""
     mapping = {}
