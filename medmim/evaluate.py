@@ -18,7 +18,6 @@ metrics on the model's grid) and ``metrics.json`` (per-class and mean Dice / HD9
 
 from __future__ import annotations
 
-import contextlib
 import sys
 from pathlib import Path
 from typing import Callable
@@ -29,6 +28,7 @@ import torch
 from medmim.config import dump_config, with_overrides
 from medmim.errors import DataError, MedmimError
 from medmim.io import write_csv, write_json, write_text
+from medmim.progress import ProgressBar
 from medmim.predict import class_names, find_run, load_run_model
 
 PER_CLASS = ("sensitivity", "specificity", "precision", "f1")
@@ -222,16 +222,7 @@ def evaluate_run(run_dir: str | Path, *, split: str = "test", out_dir: str | Pat
         kept.extend(r for r, _it in pending)
         pending.clear()
 
-    bar = task = None
-    if progress:
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        bar = Progress(TextColumn(f"evaluate {split}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                       console=Console(file=err), transient=False)
-    with (bar if bar is not None else contextlib.nullcontext()):
-        if bar is not None:
-            task = bar.add_task("evaluate", total=len(records))
+    with ProgressBar(len(records), f"evaluate {split}", enabled=progress, file=err) as bar:
         for r in records:
             item = _item_of(r, segment)
             if item is None:  # segmentation row without a mask
@@ -246,8 +237,7 @@ def evaluate_run(run_dir: str | Path, *, split: str = "test", out_dir: str | Pat
                     skipped.append(info)
                 if len(pending) >= batch_size:
                     flush()
-            if bar is not None:
-                bar.advance(task)
+            bar.advance()
         flush()
     if not kept:
         raise DataError(f"split '{split}': no usable images"

@@ -20,7 +20,6 @@ other inputs still get their predictions.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import sys
@@ -34,6 +33,7 @@ import torch
 from medmim.config import Config, load_config
 from medmim.errors import DataError, MedmimError
 from medmim.io import atomic_path, write_csv
+from medmim.progress import ProgressBar
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr", ".png", ".jpg", ".jpeg", ".bmp",
                   ".tif", ".tiff", ".dcm", ".npy")
@@ -356,16 +356,7 @@ def predict(run_dir: str | Path, inputs: Iterable[str | Path], out_dir: str | Pa
             rows.append(row)
             result.outputs.append(str(inp.path))
 
-    bar = None
-    if progress:
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        bar = Progress(TextColumn("predict"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                       console=Console(file=err), transient=False)
-    ctx = bar if bar is not None else contextlib.nullcontext()
-    with ctx:
-        task = bar.add_task("predict", total=len(items)) if bar is not None else None
+    with ProgressBar(len(items), "predict", enabled=progress, file=err) as bar:
         for inp in items:
             try:
                 run_one(inp)
@@ -375,13 +366,8 @@ def predict(run_dir: str | Path, inputs: Iterable[str | Path], out_dir: str | Pa
                 reason = reason[len(prefix):] if reason.startswith(prefix) else reason
                 where = str(inp.path) + (f" (series {inp.series_id[-12:]})" if inp.series_id else "")
                 result.failures.append({"file": where, "reason": reason})
-                line = f"medmim predict: {where}: {reason}"
-                if bar is not None:
-                    bar.console.print(line, markup=False, highlight=False, soft_wrap=True)
-                else:
-                    print(line, file=err)
-            if bar is not None:
-                bar.advance(task)
+                bar.print(f"medmim predict: {where}: {reason}")
+            bar.advance()
     if pred.head != "segment":
         cols = ["file"] + (["series_id"] if any(r["series_id"] for r in rows) else []) \
             + [f"prob_{n}" for n in names] + ["predicted"]

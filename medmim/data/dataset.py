@@ -40,6 +40,7 @@ from medmim.data.splits import (apply_split_file, check_leakage, handle_duplicat
                                 save_split_file)
 from medmim.errors import DataError
 from medmim.io import TEXT_ENCODING, atomic_path
+from medmim.progress import ProgressBar
 
 log = logging.getLogger("medmim.data")
 
@@ -419,35 +420,8 @@ def _mp_context():
     return mp.get_context("spawn")
 
 
-class _Progress:
-    """A rich progress bar on stderr (only for long runs); a no-op otherwise."""
-
-    def __init__(self, total: int, desc: str, enabled: bool | None = None):
-        self.bar = None
-        if enabled is None:
-            enabled = total >= PROGRESS_MIN_ITEMS
-        if enabled:
-            from rich.console import Console
-            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                                       TimeRemainingColumn)
-
-            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True),
-                                transient=False)
-            self.bar.start()
-            self.task = self.bar.add_task(desc, total=total)
-
-    def advance(self, n: int = 1) -> None:
-        if self.bar is not None:
-            self.bar.advance(self.task, n)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
-
-
 def run_chain(items: list[dict], wheres: list[str], dc: DataConfig, preset: str, with_mask: bool, *,
-              det=None, workers: int | None = None, progress: _Progress | None = None):
+              det=None, workers: int | None = None, progress: ProgressBar | None = None):
     """Yield ``(index, ok, result)`` for every item, in order: the deterministic chain in-process, or
     in ``workers`` processes (default ``data.num_workers``; one torch thread each) when there are
     enough items. ``result``: {"image": tensor, "mask": tensor?} or a describe_failure dict."""
@@ -503,7 +477,9 @@ def materialize(records: list[dict], dc: DataConfig, preset: str, with_mask: boo
     pairs = [(r, it) for r in records if (it := _item_of(r, with_mask)) is not None]
     wheres = [str(r.get("source") or r.get("image")) for r, _ in pairs]
     out: Sequence[dict]
-    bar = _Progress(len(pairs), f"preparing {len(pairs)} images", progress)
+    bar = ProgressBar(len(pairs), f"preparing {len(pairs)} images",
+                      enabled=len(pairs) >= PROGRESS_MIN_ITEMS if progress is None else progress)
+    bar.start()
     try:
         if dc.cache == "disk" and pairs:
             out = _materialize_disk(pairs, wheres, dc, preset, with_mask, det, skipped, bar)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ from medmim.data.augment import augment_batch
 from medmim.data.dataset import set_loader_epoch
 from medmim.errors import MedmimError
 from medmim.io import safe_torch_load, save_checkpoint, write_json
+from medmim.progress import ProgressBar
 from medmim.train.checkpoint import rng_state, set_rng_state
 from medmim.train.distributed import all_gather_cat, all_reduce_sum, any_rank, barrier, current, gather_objects
 from medmim.train.rundir import RunDir
@@ -203,6 +205,7 @@ class _Fit:
             self.ddp_model = DDP(self.model, device_ids=[runtime.device.index] if runtime.device.type == "cuda"
                                  else None, find_unused_parameters=task.find_unused_parameters)
         self.start_epoch, self.skip, self.step, self.best = 0, 0, 0, None
+        self.bar = ProgressBar(0, stage, enabled=False)  # batches; fit() shows it on an interactive rank 0
         self.carried: Optional[torch.Tensor] = None  # this rank's loss sums of a resumed, cut-off epoch
         self.metrics: dict[str, Any] = {}
         self.timer = _Timer()
@@ -275,6 +278,7 @@ class _Fit:
                     n_real, w = _batch_size(batch), 1.0 / min(accum, n_batches - (i // accum) * accum)
                 (loss * w).backward()
             sums += torch.tensor([value.item() * n_real, n_real], dtype=torch.float64)
+            self.bar.advance()
             if last_micro:
                 self._optimizer_step(epoch)
                 if every and self.step % every == 0 and i + 1 < n_batches:
@@ -364,9 +368,12 @@ def fit(task: Task, train_loader, settings: OptimSettings, run: RunDir, runtime:
     elif run.writer:
         done_file.unlink(missing_ok=True)
     run.keep_metrics(lambda r: r.get("stage") != stage or int(r.get("epoch", -1)) < f.start_epoch)
-    for epoch in range(f.start_epoch, settings.epochs):
-        t0 = time.time()
-        f.end_epoch(epoch, f.run_epoch(epoch), t0)
+    # a batch-level bar on a terminal; logs and CI keep the one line per epoch that end_epoch prints
+    todo = (settings.epochs - f.start_epoch) * f.n_batches - f.skip
+    with ProgressBar(todo, f"[{stage}] batches", enabled=f.info.is_main and sys.stderr.isatty()) as f.bar:
+        for epoch in range(f.start_epoch, settings.epochs):
+            t0 = time.time()
+            f.end_epoch(epoch, f.run_epoch(epoch), t0)
     result = {**f.metrics, "best": f.best, "time_s": {k: round(v, 3) for k, v in f.timer.s.items()}}
     if run.writer:
         write_json(done_file, result)
