@@ -29,7 +29,8 @@ from medmim.config import dump_config, with_overrides
 from medmim.errors import DataError, MedmimError
 from medmim.io import write_csv, write_json, write_text
 from medmim.progress import ProgressBar
-from medmim.predict import class_names, find_run, load_run_model
+from medmim.data.labels import class_names
+from medmim.predict import find_run, load_run_model
 
 PER_CLASS = ("sensitivity", "specificity", "precision", "f1")
 

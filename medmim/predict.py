@@ -33,6 +33,7 @@ import torch
 from medmim.config import Config, load_config
 from medmim.errors import DataError, MedmimError
 from medmim.io import atomic_path, write_csv
+from medmim.data.labels import class_names
 from medmim.progress import ProgressBar
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr", ".png", ".jpg", ".jpeg", ".bmp",
@@ -142,15 +143,6 @@ def find_run(run_dir: str | Path) -> tuple[Path, Config, str]:
         raise MedmimError(f"{stage_dir}: the run records no intensity preset (environment.json: data.preset), "
                           "so its preprocessing cannot be replayed; re-run its fine-tuning with this medmim")
     return ckpt, cfg, str(preset)
-
-
-def class_names(cfg: Config) -> list[str]:
-    """Names of the classes: ``data.class_names`` when the config has them, else "0", "1", ..."""
-    names = getattr(cfg.data, "class_names", None)
-    k = cfg.data.num_classes or (len(names) if names else 0)
-    if names and len(names) == k:
-        return [str(n) for n in names]
-    return [str(c) for c in range(k)]
 
 
 def load_run_model(ckpt_path: Path, cfg: Config) -> torch.nn.Module:

@@ -304,7 +304,7 @@ def test_pneumoniamnist_pngs_predict_like_the_npz_arrays_evaluate(tmp_path):
 def test_class_names_label_every_table(tmp_path):
     """With data.class_names, predictions, the confusion matrix and the per-class table use the names."""
     from medmim.data.synthetic import write_png
-    from medmim.predict import class_names
+    from medmim.data.labels import class_names
 
     if "class_names" not in type(load_config(None).data).model_fields:
         pytest.skip("this config has no data.class_names")

@@ -127,9 +127,10 @@ def fill_inferred(cfg, data) -> None:
 def class_names(cfg) -> list[str]:
     """Display names of the classes, index order: ``data.class_names``, else "0", "1", ..."""
     dc = cfg.data
-    if dc.class_names:
-        return list(dc.class_names)
-    return [str(i) for i in range(dc.num_classes or 0)]
+    k = dc.num_classes or (len(dc.class_names) if dc.class_names else 0)
+    if dc.class_names and len(dc.class_names) == k:
+        return [str(n) for n in dc.class_names]
+    return [str(i) for i in range(k)]
 
 
 def check_supervised(train: list[dict], val: list[dict], test: list[dict], cfg, *, stage: str = "fine-tuning") -> None:
