@@ -62,11 +62,11 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from medmim.errors import MedmimError
 from medmim.models.export import KeyReport, apply_state, load_state
+from medmim.models.vit import resample_position_grid
 
 LAYOUTS = ("medmim", "monai-vit", "mae", "timm-vit", "resnet", "convnext", "timm-convnext")
 WRAPPER_ENTRIES = ("model", "state_dict", "module", "encoder", "teacher", "student")
@@ -244,17 +244,15 @@ def resize_position_grid(pos: torch.Tensor, grid: tuple[int, ...], file_dims: in
         raise MedmimError(f"position embedding has {n} patch positions: not a square or cubic grid")
     if (side,) * file_dims == tuple(grid):
         return pos
-    pe = pos.transpose(1, 2).reshape(1, dim, *(side,) * file_dims).float()
-    if file_dims == 2 and len(grid) == 3:
-        pe = pe if (side, side) == tuple(grid[:2]) else \
-            F.interpolate(pe, size=tuple(grid[:2]), mode="bicubic", align_corners=False)
-        pe = pe.unsqueeze(-1).repeat(1, 1, 1, 1, grid[2])
+    square = (side,) * file_dims
+    if file_dims == 2 and len(grid) == 3:  # in-plane resample, then repeated along the last axis
+        pe = resample_position_grid(pos.float(), square, grid[:2]).transpose(1, 2)
+        pe = pe.reshape(1, dim, *grid[:2], 1).repeat(1, 1, 1, 1, grid[2]).flatten(2).transpose(1, 2)
     elif file_dims == len(grid):
-        pe = F.interpolate(pe, size=tuple(grid), mode="bicubic" if file_dims == 2 else "trilinear",
-                           align_corners=False)
+        pe = resample_position_grid(pos.float(), square, grid)
     else:
         raise MedmimError(f"a {file_dims}D position grid cannot be fitted to a {len(grid)}D encoder")
-    return pe.flatten(2).transpose(1, 2).to(pos.dtype)
+    return pe.to(pos.dtype)
 
 
 def _make_pos_embed_learned(encoder: nn.Module) -> None:

@@ -96,6 +96,17 @@ def _tuple(v, n: int) -> tuple[int, ...]:
     return tuple(int(a) for a in v) if isinstance(v, (tuple, list)) else (int(v),) * n
 
 
+def resample_position_grid(pos: torch.Tensor, src: Sequence[int], dst: Sequence[int]) -> torch.Tensor:
+    """``(1, prod(src), D)`` position embedding on the token grid ``src`` -> ``(1, prod(dst), D)`` on
+    ``dst`` (same number of axes): bicubic in 2D, trilinear in 3D."""
+    src, dst = tuple(src), tuple(dst)
+    if src == dst:
+        return pos
+    pe = pos.transpose(1, 2).reshape(1, pos.shape[2], *src)
+    pe = F.interpolate(pe, size=dst, mode="bicubic" if len(src) == 2 else "trilinear", align_corners=False)
+    return pe.flatten(2).transpose(1, 2)
+
+
 class ViT(nn.Module):
     """ViT encoder, 2D or 3D.
 
@@ -168,10 +179,7 @@ class ViT(nn.Module):
             return self.pos_embed
         if self.pos_embed_type == "sincos":
             return sincos_position_embedding(grid, self.embed_dim).unsqueeze(0).to(self.pos_embed)
-        pe = self.pos_embed.transpose(1, 2).reshape(1, self.embed_dim, *self.grid)
-        mode = "bicubic" if self.spatial_dims == 2 else "trilinear"
-        pe = F.interpolate(pe, size=grid, mode=mode, align_corners=False)
-        return pe.flatten(2).transpose(1, 2)
+        return resample_position_grid(self.pos_embed, self.grid, grid)
 
     def embed(self, x: torch.Tensor, add_pos: bool = True) -> torch.Tensor:
         """Image ``(B, C, *spatial)`` -> patch tokens ``(B, N, D)`` in row-major grid order."""
