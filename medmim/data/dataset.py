@@ -470,7 +470,7 @@ def materialize(records: list[dict], dc: DataConfig, preset: str, with_mask: boo
     groups = preset_groups(records, preset)
     if len(groups) > 1 or (groups and groups[0][0] != preset):
         parts = [materialize([{k: v for k, v in r.items() if k != PRESET_KEY} for r in rs], dc, p, with_mask,
-                             skipped) for p, rs in groups]
+                             skipped, progress) for p, rs in groups]
         return [it for part in parts for it in part] if all(isinstance(q, list) for q in parts) \
             else torch.utils.data.ConcatDataset(parts)
     det = deterministic_transforms(dc, preset, with_mask)
