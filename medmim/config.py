@@ -7,6 +7,7 @@ allowed. The resolved config (defaults + file + overrides) is saved in the run d
 from __future__ import annotations
 
 import difflib
+import re
 import os
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -84,6 +85,30 @@ class UnlabelledSource(Section):
         return v
 
 
+class ChannelSpec(Section):
+    """One input channel (an MRI sequence, a CT window, a time point): ``data.channels`` lists them in
+    order. A manifest row gives each channel as a column ``image_<name>``, or ``image`` as a list (one
+    file per channel, in this order), or one multi-channel file (a 4D NIfTI, a Decathlon multi-modality
+    task) whose channel axis is ``data.channel_axis``, or a DICOM study folder whose series are picked by
+    ``series`` (a SeriesDescription pattern). Every channel is resampled onto the first channel's grid."""
+
+    name: str  # a short name: manifest column image_<name>, reports, export metadata
+    preset: Optional[str] = None  # intensity preset of this channel (default: data.preset / the modality's)
+    series: Optional[str] = None  # DICOM study: fnmatch pattern on SeriesDescription, case-insensitive
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", v or ""):
+            raise ValueError(f"channel name {v!r} must be letters, digits, '_', '.', '-'")
+        return v
+
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, v: Optional[str]) -> Optional[str]:
+        return UnlabelledSource._known_preset(v)
+
+
 class DataConfig(Section):
     source: Literal["phantoms", "medmnist", "manifest"] = "phantoms"
     path: Optional[str] = None  # npz file (medmnist) or manifest CSV/JSONL (manifest)
@@ -122,6 +147,32 @@ class DataConfig(Section):
     # against val and test, matches dropped and counted (medmim/data/pool.py, docs/pool.md)
     unlabelled: list[UnlabelledSource] = []
     pretrain_on_labelled: bool = True  # pretraining also sees the labelled train+val images
+    # multi-channel inputs (MRI sequences...): one entry per channel, a bare name or {name, preset, series};
+    # empty = one grayscale channel (docs/multichannel.md)
+    channels: list[ChannelSpec] = []
+    channel_axis: int = -1  # the channel axis of a multi-channel file (4D NIfTI: -1, the last)
+    # augmentation: each channel is zeroed with this probability (never all of them): a missing sequence
+    channel_dropout: float = Field(0.0, ge=0, lt=1)
+    # cross-validation: K patient-grouped, stratified folds of the non-test images (0: one train/val
+    # split); written into data.split_file with the splits; finetune.fold picks the validation fold
+    folds: int = Field(0, ge=0)
+
+    @field_validator("channels", mode="before")
+    @classmethod
+    def _bare_channel_names(cls, v):
+        """``channels: [t1, flair]``: a bare name is a channel with every default."""
+        if isinstance(v, (str, dict)):
+            v = [v]
+        return [{"name": e} if isinstance(e, str) else e for e in v] if isinstance(v, list) else v
+
+    @property
+    def in_channels(self) -> int:
+        """Channels the encoder takes: one per declared channel, else one (grayscale)."""
+        return max(1, len(self.channels))
+
+    @property
+    def channel_names(self) -> list[str]:
+        return [c.name for c in self.channels] or ["image"]
 
     @field_validator("unlabelled", mode="before")
     @classmethod
@@ -141,6 +192,11 @@ class DataConfig(Section):
                              "pretraining would see no images")
         if not self.pretrain_on_labelled and self.pretrain_on_test:
             raise ValueError("data.pretrain_on_test needs data.pretrain_on_labelled")
+        names = [c.name for c in self.channels]
+        if len(set(names)) != len(names):
+            raise ValueError(f"data.channels repeats a name: {names}")
+        if self.folds == 1:
+            raise ValueError("data.folds must be 0 (no cross-validation) or at least 2")
         if self.class_names is not None:
             if len(set(self.class_names)) != len(self.class_names) or not all(self.class_names):
                 raise ValueError(f"data.class_names must be distinct non-empty names, got {self.class_names}")
@@ -216,6 +272,8 @@ class FinetuneConfig(OptimSettings):
     # validation passes per run, at most: spread evenly over the optimizer steps, always after the last
     # one (best-checkpoint selection sees only these); 0 = after every epoch
     max_evals: int = Field(20, ge=0)
+    # cross-validation (data.folds = K): this fold is the validation set, the other K-1 train
+    fold: Optional[int] = Field(None, ge=0)
 
 
 class StudyConfig(Section):
@@ -306,6 +364,9 @@ class Config(Section):
     def _patch_grid(self) -> "Config":
         """A ViT cuts the image into patches: the image side must be a multiple of the patch size."""
         enc, size = self.encoder, self.data.image_size
+        if self.finetune.fold is not None and not self.finetune.fold < self.data.folds:
+            raise ValueError(f"finetune.fold={self.finetune.fold} needs data.folds > {self.finetune.fold} "
+                             f"(data.folds is {self.data.folds})")
         if enc.name.startswith("vit") and size % enc.patch_size:
             raise ValueError(f"data.image_size={size} is not divisible by encoder.patch_size={enc.patch_size} "
                              f"(try data.image_size={size - size % enc.patch_size or enc.patch_size})")
