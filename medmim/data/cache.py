@@ -41,8 +41,15 @@ _MAX_NDIM = 5  # channel + up to 3 spatial axes (+1 spare)
 
 
 def transform_config(dc, preset: str, with_mask: bool) -> dict:
+    """What the chain's output depends on. Declared channels (``data.channels``) add each channel's
+    name, resolved preset and series pattern, and ``data.channel_axis``; without channels the config
+    (and so every existing cache folder) is what it was."""
     cfg = {f: getattr(dc, f) for f in KEY_FIELDS}
-    return {"version": CACHE_VERSION, "preset": preset, "with_mask": bool(with_mask), **cfg}
+    out = {"version": CACHE_VERSION, "preset": preset, "with_mask": bool(with_mask), **cfg}
+    if dc.channels:
+        out["channels"] = [{"name": c.name, "preset": c.preset or preset, "series": c.series} for c in dc.channels]
+        out["channel_axis"] = dc.channel_axis
+    return out
 
 
 def transform_key(dc, preset: str, with_mask: bool) -> str:
@@ -83,7 +90,11 @@ def item_key(item: dict) -> str:
         if v is None or v == "":
             continue
         h.update(f"|{k}=".encode())
-        if isinstance(v, (np.ndarray, torch.Tensor)):
+        if isinstance(v, (list, tuple)):  # one file per channel
+            h.update(f"list {len(v)}".encode())
+            for ref in v:
+                h.update(f"|{ref}@{file_stamp(ref)}".encode())
+        elif isinstance(v, (np.ndarray, torch.Tensor)):
             a = np.ascontiguousarray(v.numpy() if isinstance(v, torch.Tensor) else v)
             h.update(f"array {a.dtype} {a.shape}".encode())
             h.update(a.tobytes())

@@ -22,7 +22,8 @@ def channel_first(arr: torch.Tensor, spatial_dims: int, key: str, where: str) ->
     if arr.ndim == spatial_dims + 1 and arr.shape[0] == 1:
         return arr
     raise DataError(f"{where}: wrong dimensionality: expected a {spatial_dims}D {key}, got shape "
-                    f"{tuple(arr.shape)}" + (" (a 4D series: pick a time point with the 'frame' column)"
+                    f"{tuple(arr.shape)}" + (" (a 4D series: pick a time point with the 'frame' column, or declare its channels in "
+                                                "data.channels)"
                                              if spatial_dims == 3 and arr.ndim == 4 else ""))
 
 

@@ -33,8 +33,9 @@ from medmim.data import manifest as mf
 from medmim.data.cache import SHARD_ITEMS, ShardStore, cache_dir_for, item_key, pack_entries, unpack_row
 from medmim.data.checks import channel_first, check_pair, validate
 from medmim.data.fastpath import FastChain2D
-from medmim.data.presets import DEFAULT_FOR_MODALITY, crop_transforms, intensity_transform, preset_transforms
-from medmim.data.readers import read_image
+from medmim.data.presets import (DEFAULT_FOR_MODALITY, channel_presets, crop_transforms, intensity_transform,
+                                  preset_transforms)
+from medmim.data.readers import read_channels, read_image
 from medmim.data.labels import check_labels
 from medmim.data.splits import (apply_split_file, check_leakage, handle_duplicates, load_split_file, patient_split,
                                 save_split_file)
@@ -101,8 +102,10 @@ def write_skipped(skipped: list[dict], path: str | Path) -> Path | None:
     return Path(path)
 
 
-def _source_records(cfg: DataConfig) -> tuple[list[dict], str, str]:
-    """Records, a default preset, and a source description."""
+def _source_records(cfg: DataConfig, skipped: list[dict] | None = None) -> tuple[list[dict], str, str]:
+    """Records, a default preset, and a source description. Manifest rows without a file for some
+    declared channel go to ``skipped`` (unless data.strict)."""
+    skipped = None if cfg.strict else skipped
     if cfg.source == "phantoms":
         from medmim.data.phantoms import PhantomSpec, generate
 
@@ -112,12 +115,13 @@ def _source_records(cfg: DataConfig) -> tuple[list[dict], str, str]:
                            seed=p.seed)
         manifest = generate(p.out_dir, cfg.spatial_dims, spec)
         preset = "uint8" if cfg.spatial_dims == 2 else "ct_soft_tissue"
-        return mf.read_manifest(manifest), preset, f"medmim phantoms {cfg.spatial_dims}D (seed {p.seed})"
+        return (mf.read_manifest(manifest, cfg.channels, skipped), preset,
+                f"medmim phantoms {cfg.spatial_dims}D (seed {p.seed})")
     if cfg.source == "medmnist":
         from medmim.data.medmnist import npz_records
 
         return npz_records(cfg.path), "uint8", f"MedMNIST npz {Path(cfg.path).name}"
-    records = mf.read_manifest(cfg.path)
+    records = mf.read_manifest(cfg.path, cfg.channels, skipped)
     modality = records[0].get("modality") or cfg.modality
     return records, DEFAULT_FOR_MODALITY.get(modality, "xray"), f"manifest {Path(cfg.path).name}"
 
@@ -141,7 +145,8 @@ def assign_splits(records: list[dict], dc: DataConfig, seed: int) -> None:
 def prepare_data(cfg: Config) -> DataBundle:
     """Read the source, split it by patient (where it has no split), check for leakage."""
     dc = cfg.data
-    records, default_preset, source = _source_records(dc)
+    skipped: list[dict] = []  # manifest rows missing a channel's file (data.channels)
+    records, default_preset, source = _source_records(dc, skipped)
     assign_splits(records, dc, cfg.run.seed)
     check_leakage(records)
     records, duplicates = handle_duplicates(records, dc.duplicates)  # byte-identical images across splits
@@ -158,7 +163,9 @@ def prepare_data(cfg: Config) -> DataBundle:
     bundle = DataBundle(records=by_split, spatial_dims=dc.spatial_dims, preset=dc.preset or default_preset,
                         fingerprint=mf.records_fingerprint(records), source=source,
                         num_classes=dc.num_classes, pretrain_on_labelled=dc.pretrain_on_labelled,
-                        duplicates=duplicates, class_names=dc.class_names)
+                        duplicates=duplicates, class_names=dc.class_names, skipped=skipped)
+    for s in skipped:
+        log.warning("skipping %s: %s", s["file"], s["reason"])
     if dc.unlabelled or (dc.source == "phantoms" and dc.phantoms.pool_patients):
         from medmim.data.pool import attach_pool
 
@@ -169,11 +176,31 @@ def prepare_data(cfg: Config) -> DataBundle:
 class LoadRecordd(mt.MapTransform):
     """Read ``keys`` (file, DICOM folder, npz entry or in-memory array; see medmim.data.readers), put
     channels first (grayscale -> one channel), and refuse bad input with one clear reason:
-    unreadable/truncated, not an image, wrong dimensionality, empty, NaN/Inf, image/mask mismatch."""
+    unreadable/truncated, not an image, wrong dimensionality, empty, NaN/Inf, image/mask mismatch.
 
-    def __init__(self, keys: Sequence[str], spatial_dims: int):
+    With ``channels`` (``data.channels``) the image is a multi-channel case (``read_channels``: one file
+    per channel, one multi-channel file on ``channel_axis``, or a DICOM study), ``(C, *spatial)`` on the
+    first channel's grid. Masks stay single-channel. ``LoadRecordd.of(dc, keys)`` builds it from a config."""
+
+    def __init__(self, keys: Sequence[str], spatial_dims: int, channels: Sequence = (), channel_axis: int = -1):
         super().__init__(keys, allow_missing_keys=True)
         self.spatial_dims = spatial_dims
+        self.channels = list(channels)
+        self.channel_axis = channel_axis
+
+    @classmethod
+    def of(cls, dc: DataConfig, keys: Sequence[str]) -> "LoadRecordd":
+        return cls(keys, dc.spatial_dims, channels=dc.channels, channel_axis=dc.channel_axis)
+
+    def _multichannel(self, value, series_id) -> bool:
+        """Read through ``read_channels``: several channels, a list of files, or a study folder whose
+        one channel is picked by SeriesDescription. One declared channel in one file reads as grayscale."""
+        if not self.channels:
+            return False
+        if len(self.channels) > 1 or isinstance(value, (list, tuple)):
+            return True
+        return bool(self.channels[0].series) and not series_id and isinstance(value, (str, Path)) \
+            and Path(str(value)).is_dir()
 
     def __call__(self, data: dict) -> dict:
         d = dict(data)
@@ -182,6 +209,11 @@ class LoadRecordd(mt.MapTransform):
         frame = None if frame in (None, "") else int(frame)
         for key in self.key_iterator(d):
             value = d[key]
+            if key == "image" and self._multichannel(value, extra["series_id"]):
+                d[key] = read_channels(value, self.channels, spatial_dims=self.spatial_dims,
+                                       channel_axis=self.channel_axis, series_id=extra["series_id"] or None,
+                                       frame=frame)
+                continue
             where = str(value) if isinstance(value, (str, Path)) else f"<array {key}>"
             arr = read_image(value, series_id=extra["series_id"] or None, frame=frame, key=key)
             arr = channel_first(arr, self.spatial_dims, key, where)
@@ -219,14 +251,17 @@ def deterministic_transforms(dc: DataConfig, preset: str, with_mask: bool, fast:
     ``track_meta=True`` (MONAI path only) keeps MetaTensors with their applied operations, so that
     ``chain.inverse`` can take a prediction back to the source grid (medmim.predict)."""
     keys = ["image", "mask"] if with_mask else ["image"]
+    presets = channel_presets(dc, preset)  # one per input channel (data.channels), else [preset]
     chain = [
-        LoadRecordd(keys, dc.spatial_dims),
+        LoadRecordd.of(dc, keys),
         *preset_transforms(preset, keys, spatial_dims=dc.spatial_dims, image_size=dc.image_size,
-                           resize=dc.resize, orientation=dc.orientation, target_spacing=dc.target_spacing),
+                           resize=dc.resize, orientation=dc.orientation, target_spacing=dc.target_spacing,
+                           channel_presets=presets),
         mt.EnsureTyped(keys, data_type="tensor", track_meta=track_meta),
     ]
-    use_fast = fast and dc.spatial_dims == 2 and not track_meta
-    fast_path = FastChain2D(preset, keys, dc.image_size, dc.resize) if use_fast else None
+    # the fast path reads one grayscale picture per item; multi-channel items take the MONAI chain
+    use_fast = fast and dc.spatial_dims == 2 and not track_meta and len(presets) == 1
+    fast_path = FastChain2D(presets[0], keys, dc.image_size, dc.resize) if use_fast else None
     return DeterministicChain(chain, fast=fast_path)
 
 
@@ -284,8 +319,9 @@ def pretrain_transforms(dc: DataConfig, with_mask: bool = False) -> AugmentChain
 
 
 def describe_failure(record: dict, exc: Exception) -> dict:
-    """{"file", "reason"}: a DataError message is '<file>: <reason>'; other errors name the record."""
-    where = str(record.get("source") or record.get("image"))
+    """{"file", "reason"}: a DataError message is '<file>: <reason>'; other errors name the record (a
+    multi-channel case by its first channel's file)."""
+    where = str(record.get("source") or mf.case_name(record))
     while exc.__cause__ is not None and "applying transform" in str(exc):  # MONAI wraps transform errors
         exc = exc.__cause__
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -475,7 +511,7 @@ def materialize(records: list[dict], dc: DataConfig, preset: str, with_mask: boo
             else torch.utils.data.ConcatDataset(parts)
     det = deterministic_transforms(dc, preset, with_mask)
     pairs = [(r, it) for r in records if (it := _item_of(r, with_mask)) is not None]
-    wheres = [str(r.get("source") or r.get("image")) for r, _ in pairs]
+    wheres = [str(r.get("source") or mf.case_name(r)) for r, _ in pairs]
     out: Sequence[dict]
     bar = ProgressBar(len(pairs), f"preparing {len(pairs)} images",
                       enabled=len(pairs) >= PROGRESS_MIN_ITEMS if progress is None else progress)

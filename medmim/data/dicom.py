@@ -396,18 +396,54 @@ def to_canonical(arr: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.nd
     return np.ascontiguousarray(out), affine @ no.inv_ornt_aff(ornt, arr.shape[:3])
 
 
-def series_files(folder: str | Path, series_uid: str | None) -> list[Path]:
-    """The files of one series under ``folder`` (all DICOM files when ``series_uid`` is None)."""
-    series = scan_folder(folder, salt="", skipped=[])
+def select_series(series: dict[str, SeriesInfo], where: str | Path, *, uid: str | None = None,
+                  pattern: str | None = None, channel: str | None = None) -> SeriesInfo:
+    """The one series-selection rule: by SeriesInstanceUID (``uid``), by a SeriesDescription pattern
+    (``pattern``: fnmatch, case-insensitive; a data.channels entry's ``series``), or the only series.
+    No match, or several, is a one-line DataError listing the descriptions found."""
+    from fnmatch import fnmatchcase
+
     if not series:
-        raise DataError(f"{folder}: no DICOM series with pixel data")
-    if series_uid:
-        if series_uid not in series:
-            raise DataError(f"{folder}: series {series_uid[-12:]}… not found")
-        return series[series_uid].files
+        raise DataError(f"{where}: no DICOM series with pixel data")
+    if uid:
+        if uid not in series:
+            raise DataError(f"{where}: series {uid[-12:]}… not found")
+        return series[uid]
+    found = ", ".join(repr(d) for d in sorted(s.description for s in series.values()))
+    if pattern is not None:
+        hits = [s for s in series.values() if fnmatchcase(s.description.lower(), pattern.lower())]
+        who = f" for channel '{channel}'" if channel else ""
+        if len(hits) == 1:
+            return hits[0]
+        if not hits:
+            raise DataError(f"{where}: no series matches SeriesDescription pattern '{pattern}'{who} "
+                            f"(series found: {found})")
+        raise DataError(f"{where}: {len(hits)} series match SeriesDescription pattern '{pattern}'{who}: "
+                        f"{', '.join(repr(s.description) for s in hits)}; make the pattern specific "
+                        f"(series found: {found})")
     if len(series) > 1:
-        raise DataError(f"{folder}: holds {len(series)} series; name one in the manifest's series_id column")
-    return next(iter(series.values())).files
+        raise DataError(f"{where}: holds {len(series)} series ({found}); name one in the manifest's series_id "
+                        "column, or declare data.channels with SeriesDescription patterns")
+    return next(iter(series.values()))
+
+
+def series_files(folder: str | Path, series_uid: str | None, pattern: str | None = None,
+                 channel: str | None = None) -> list[Path]:
+    """The files of one series under ``folder`` (``select_series``: by uid, description pattern, or the
+    only series)."""
+    series = scan_folder(folder, salt="", skipped=[])
+    return select_series(series, folder, uid=series_uid, pattern=pattern, channel=channel).files
+
+
+def study_series_files(folder: str | Path, channels) -> list[list[Path]]:
+    """A DICOM study folder as channels: for each ``data.channels`` entry, the files of the series whose
+    SeriesDescription matches its ``series`` pattern (default ``*<name>*``); see ``select_series``."""
+    series = scan_folder(folder, salt="", skipped=[])
+    out = []
+    for c in channels:
+        pattern = c.series if c.series is not None else f"*{c.name}*"
+        out.append(select_series(series, folder, pattern=pattern, channel=c.name).files)
+    return out
 
 
 def phi_scan(paths: Iterable[str | Path]) -> dict[str, int]:

@@ -14,7 +14,7 @@ from typing import Sequence
 import numpy as np
 from monai import transforms as mt
 
-from medmim.errors import ConfigError
+from medmim.errors import ConfigError, DataError
 
 # CT windows as (level, width) in Hounsfield units
 CT_WINDOWS = {
@@ -42,6 +42,40 @@ def intensity_transform(preset: str, keys=("image",)) -> mt.MapTransform:
     if preset == "mri_zscore":
         return mt.NormalizeIntensityd(keys, nonzero=True)
     raise ConfigError(f"data.preset: unknown preset '{preset}'; allowed: {', '.join(PRESETS)}")
+
+
+class ChannelwiseIntensityd(mt.MapTransform):
+    """The intensity step channel by channel: channel ``c`` gets ``intensity_transform(presets[c])``
+    on its own (percentiles and z-scores per channel, never pooled over channels)."""
+
+    def __init__(self, presets: Sequence[str], keys=("image",)):
+        super().__init__(list(keys))
+        self.presets = list(presets)
+        self.steps = [intensity_transform(p, keys=["image"]) for p in self.presets]
+
+    def __call__(self, data: dict) -> dict:
+        import torch
+
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = d[key]
+            if img.shape[0] != len(self.steps):
+                raise DataError(f"<{key}>: {img.shape[0]} channel(s), {len(self.steps)} channel presets")
+            d[key] = torch.cat([step({"image": img[c:c + 1]})["image"] for c, step in enumerate(self.steps)], 0)
+        return d
+
+
+def channel_presets(dc, preset: str) -> list[str]:
+    """The intensity preset of every input channel: ``ChannelSpec.preset``, else ``preset`` (data.preset
+    or the modality's default; a pool source's own). One entry when no channels are declared."""
+    return [c.preset or preset for c in dc.channels] or [preset]
+
+
+def intensity_step(presets: Sequence[str], keys=("image",)) -> mt.MapTransform:
+    """One channel: the preset's transform itself (the numbers of a grayscale run); several: per channel."""
+    if len(presets) == 1:
+        return intensity_transform(presets[0], keys=keys)
+    return ChannelwiseIntensityd(presets, keys=keys)
 
 
 def _modes(keys: Sequence[str], image_mode: str) -> list[str]:
@@ -80,10 +114,12 @@ def size_transforms(keys: Sequence[str], spatial_dims: int, image_size: int, res
 
 def preset_transforms(preset: str, keys: Sequence[str], *, spatial_dims: int, image_size: int,
                       resize: str = "pad", orientation: str | None = "RAS",
-                      target_spacing: Sequence[float] | None = None) -> list:
-    """The deterministic modality chain (after reading, channel first)."""
+                      target_spacing: Sequence[float] | None = None,
+                      channel_presets: Sequence[str] | None = None) -> list:
+    """The deterministic modality chain (after reading, channel first). ``channel_presets``: one preset
+    per input channel (``channel_presets(dc, preset)``); default: ``preset`` for the one channel."""
     return [*geometry_transforms(keys, spatial_dims, orientation, target_spacing),
-            intensity_transform(preset, keys=["image"]),
+            intensity_step(list(channel_presets) if channel_presets else [preset], keys=["image"]),
             *size_transforms(keys, spatial_dims, image_size, resize)]
 
 

@@ -18,6 +18,12 @@ two matrices disagree by more than 1e-3 (mm or direction cosine), a warning name
 
 References: a file path; a folder (a DICOM series; ``series_id`` picks one when it holds several);
 ``file.npz#train_images/12`` (an entry of a MedMNIST npz); or an in-memory numpy array.
+
+Multi-channel cases (``data.channels``): ``read_channels`` reads every channel with ``read_image``
+(one file per channel, one multi-channel file whose ``data.channel_axis`` holds the channels, or a
+DICOM study whose series are picked by SeriesDescription) and returns ``(C, *spatial)``; channels
+after the first are resampled onto the first channel's grid (3D files with an affine: MONAI's
+``ResampleToMatch``, bilinear, zeros outside; 2D pictures and arrays: equal shapes are required).
 """
 
 from __future__ import annotations
@@ -241,3 +247,127 @@ def read_image(ref, *, series_id: str | None = None, frame: int | None = None, k
             raise DataError(f"{path}: time point {frame} requested, file has {out.shape[-1]}")
         out = out[..., frame]
     return out
+
+
+# ---- multi-channel cases ---------------------------------------------------------------------------
+GRID_TOL = 1e-4  # affines closer than this (mm / direction cosine) are the same grid: no resampling
+
+
+def has_geometry(ref, spatial_dims: int) -> bool:
+    """A 3D reference whose reader gives a real affine (NIfTI, MHA/NRRD, DICOM); pictures and arrays
+    have none (their channels must have equal shapes)."""
+    if spatial_dims != 3 or not isinstance(ref, (str, Path)) or NPZ_REF.match(str(ref)):
+        return False
+    path = Path(str(ref))
+    return path.is_dir() or _suffix(path) in NIFTI or _suffix(path) in SITK or _is_dicom(path)
+
+
+def world_extent(img: torch.Tensor, affine) -> tuple[np.ndarray, np.ndarray]:
+    """(min, max) corner in world mm of the voxel box of ``img`` (channel first)."""
+    shape = np.asarray(img.shape[1:], dtype=np.float64)
+    corners = np.array(np.meshgrid(*[[-0.5, n - 0.5] for n in shape], indexing="ij")).reshape(len(shape), -1)
+    aff = np.asarray(affine, dtype=np.float64)
+    nd = len(shape)
+    world = aff[:nd, :nd] @ corners + aff[:nd, -1:]
+    return world.min(1), world.max(1)
+
+
+def onto_grid(img: MetaTensor, ref: MetaTensor, *, spatial_dims: int, geometry: bool, case: str, channel: str,
+              file: str) -> torch.Tensor:
+    """Channel ``img`` (1, *spatial) on the grid of ``ref`` (the first channel): as it is when the grids
+    agree; resampled (bilinear, zeros outside) when both have an affine; else a one-line DataError."""
+    same_shape = tuple(img.shape[1:]) == tuple(ref.shape[1:])
+    if not geometry:
+        if same_shape:
+            return img
+        raise DataError(f"{case}: channel '{channel}' ({file}) has a different geometry (shape "
+                        f"{tuple(img.shape[1:])} vs {tuple(ref.shape[1:])}); without an affine the channels of a "
+                        "case must have equal shapes")
+    a, b = np.asarray(img.affine, dtype=np.float64), np.asarray(ref.affine, dtype=np.float64)
+    if same_shape and np.abs(a - b).max() <= GRID_TOL:
+        return img
+    lo_a, hi_a = world_extent(img, a)
+    lo_b, hi_b = world_extent(ref, b)
+    if np.any(hi_a <= lo_b) or np.any(hi_b <= lo_a):
+        raise DataError(f"{case}: channel '{channel}' ({file}) does not overlap the first channel in space "
+                        f"(extent {np.round(lo_a, 1).tolist()}..{np.round(hi_a, 1).tolist()} mm vs "
+                        f"{np.round(lo_b, 1).tolist()}..{np.round(hi_b, 1).tolist()} mm): a different geometry")
+    from monai.transforms import ResampleToMatch
+
+    out = ResampleToMatch(mode="bilinear", padding_mode="zeros", dtype=torch.float32)(img, ref)
+    return out.as_tensor() if isinstance(out, MetaTensor) else out
+
+
+def _channel_where(file: str, channel: str) -> str:
+    return f"{file} (channel '{channel}')"
+
+
+def read_channels(ref, channels, *, spatial_dims: int, channel_axis: int = -1, series_id: str | None = None,
+                  frame: int | None = None) -> MetaTensor:
+    """A multi-channel case as ``(C, *spatial)`` float32 with the first channel's affine.
+
+    ``ref``: a list of C references (one per channel, read each with ``read_image``); one multi-channel
+    file or array (``channel_axis`` holds the C channels); or a DICOM study folder (per channel the
+    series whose SeriesDescription matches ``ChannelSpec.series``, default ``*<name>*``). ``channels``:
+    the ``data.channels`` entries. Each channel is checked (``checks.validate``) before it is resampled."""
+    from medmim.data.checks import channel_first, validate
+
+    names = [c.name for c in channels]
+    n = len(names)
+    if isinstance(ref, (list, tuple)):
+        case = str(ref[0]) if ref else "?"
+        if len(ref) != n:
+            raise DataError(f"{case}: {len(ref)} file(s) for {n} channels ({', '.join(names)})")
+        parts = []
+        for name, r in zip(names, ref):
+            where = _channel_where(str(r) if isinstance(r, (str, Path)) else "<array image>", name)
+            img = channel_first(read_image(r, series_id=series_id, frame=frame), spatial_dims, "image", where)
+            validate(img, "image", where)
+            parts.append((name, str(r), img, has_geometry(r, spatial_dims)))
+        return _stack(parts, spatial_dims, case)
+    text = str(ref) if isinstance(ref, (str, Path)) else None
+    if text is not None and not NPZ_REF.match(text) and Path(text).is_dir() and not series_id:
+        from medmim.data.dicom import read_series, study_series_files
+
+        parts = []
+        for c, files in zip(channels, study_series_files(text, channels)):
+            where = _channel_where(text, c.name)
+            arr, affine, _meta = read_series(files, frame=frame, name=where)
+            img = MetaTensor(torch.as_tensor(arr)) if affine is None else \
+                MetaTensor(torch.as_tensor(arr), affine=torch.as_tensor(affine))
+            img = channel_first(img, spatial_dims, "image", where)
+            validate(img, "image", where)
+            parts.append((c.name, f"{text} series '{c.series or '*' + c.name + '*'}'", img, affine is not None))
+        return _stack(parts, spatial_dims, text)
+    where = text or "<array image>"
+    if frame is not None:
+        raise DataError(f"{where}: a 'frame' column and a multi-channel file both pick from the extra axis; "
+                        "drop the frame column (data.channel_axis names the channel axis)")
+    img = read_image(ref, series_id=series_id)
+    if img.ndim != spatial_dims + 1:
+        raise DataError(f"{where}: expected a {spatial_dims}D image with {n} channels on axis {channel_axis} "
+                        f"(data.channels: {', '.join(names)}), got shape {tuple(img.shape)}")
+    axis = channel_axis if channel_axis >= 0 else img.ndim + channel_axis
+    if not 0 <= axis < img.ndim:
+        raise DataError(f"{where}: data.channel_axis={channel_axis} is outside the image's {img.ndim} axes "
+                        f"(shape {tuple(img.shape)})")
+    if img.shape[axis] != n:
+        raise DataError(f"{where}: {img.shape[axis]} channel(s) on axis {channel_axis} (shape {tuple(img.shape)}), "
+                        f"data.channels declares {n} ({', '.join(names)})")
+    out = MetaTensor(img.as_tensor().movedim(axis, 0).contiguous(), affine=img.affine)
+    for i, name in enumerate(names):
+        validate(out[i:i + 1].as_tensor(), "image", _channel_where(where, name))
+    return MetaTensor(out.as_tensor().float(), affine=img.affine)
+
+
+def _stack(parts, spatial_dims: int, case: str) -> MetaTensor:
+    """Channels (name, file, (1, *spatial) image, has affine) -> (C, *spatial) on the first one's grid."""
+    _name0, _file0, first, geo0 = parts[0]
+    first = MetaTensor(first.as_tensor().float(), affine=first.affine)
+    out = [first.as_tensor()]
+    for name, file, img, geo in parts[1:]:
+        img = MetaTensor(img.as_tensor().float(), affine=img.affine)
+        moved = onto_grid(img, first, spatial_dims=spatial_dims, geometry=geo0 and geo, case=case, channel=name,
+                          file=file)
+        out.append((moved.as_tensor() if isinstance(moved, MetaTensor) else moved).float())
+    return MetaTensor(torch.cat(out, 0), affine=first.affine)
