@@ -180,3 +180,302 @@ def test_one_declared_channel_gives_the_grayscale_numbers(tmp_path, pngs, spatia
     expected = plain.reference({"image": ref})["image"]
     assert torch.equal(named({"image": ref})["image"], plain({"image": ref})["image"])
     assert torch.equal(as_list, expected)
+
+
+# ---- one multi-channel file: nibabel's real 4D test image ---------------------------------------------
+EXAMPLE4D = Path(__import__("nibabel").__file__).parent / "tests" / "data" / "example4d.nii.gz"
+
+
+@pytest.mark.skipif(not EXAMPLE4D.exists(), reason="nibabel's test data not installed")
+def test_real_4d_nifti_read_as_channels_equals_nibabel():
+    import nibabel as nib
+
+    img = nib.load(str(EXAMPLE4D))
+    ref = np.asanyarray(img.dataobj)  # (128, 96, 24, 2), int16
+    assert ref.shape[-1] == 2
+    dc = _dc("data.spatial_dims=3", "data.channels=[t0,t1]", "data.channel_axis=-1")
+    out = LoadRecordd.of(dc, ["image"])({"image": str(EXAMPLE4D)})["image"]
+    assert out.shape == (2, *ref.shape[:3])
+    for c in range(2):
+        np.testing.assert_array_equal(out[c].numpy(), ref[..., c].astype(np.float32))  # exact, before presets
+    np.testing.assert_allclose(np.asarray(out.affine), img.affine, atol=1e-6)
+    # after the preset (file voxel order, native size): MONAI's transform on nibabel's channel
+    dc = _dc("data.spatial_dims=3", "data.channels=[t0,t1]", "data.orientation=null", "data.resize=none")
+    got = deterministic_transforms(dc, "mri_percentile", with_mask=False)({"image": str(EXAMPLE4D)})["image"]
+    for c in range(2):
+        want = mt.ScaleIntensityRangePercentiles(lower=1, upper=99, b_min=0.0, b_max=1.0, clip=True)(
+            torch.as_tensor(ref[..., c].astype(np.float32))[None])
+        np.testing.assert_allclose(got[c].numpy(), np.asarray(want[0]), rtol=1e-6, atol=1e-6)
+    # the channel count must match data.channels, and the axis must exist
+    with pytest.raises(DataError, match=r"example4d.nii.gz: 2 channel\(s\) on axis -1 .*declares 3"):
+        LoadRecordd.of(_dc("data.spatial_dims=3", "data.channels=[a,b,c]"), ["image"])({"image": str(EXAMPLE4D)})
+    # without data.channels the 4D file is refused, naming both ways out
+    with pytest.raises(DataError, match=r"'frame' column, or declare its channels in data.channels"):
+        LoadRecordd.of(_dc("data.spatial_dims=3"), ["image"])({"image": str(EXAMPLE4D)})
+
+
+# ---- channels on different grids: resampled onto the first (SimpleITK reference) -----------------------
+def _rotation_z(deg):
+    t = np.deg2rad(deg)
+    return np.array([[np.cos(t), -np.sin(t), 0], [np.sin(t), np.cos(t), 0], [0, 0, 1]])
+
+
+def test_channels_on_different_grids_resampled_like_simpleitk(tmp_path):
+    import SimpleITK as sitk
+
+    def smooth(shape, affine):  # a smooth function of world position: both files sample one anatomy
+        idx = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), -1).astype(np.float64)
+        w = idx @ affine[:3, :3].T + affine[:3, 3]
+        return (100 + 40 * np.sin(w[..., 0] / 7.0) + 30 * np.cos(w[..., 1] / 5.0) + 0.5 * w[..., 2]).astype(np.float32)
+
+    a1 = np.diag([1.5, 1.5, 2.0, 1.0])
+    a1[:3, 3] = [-12.0, -10.0, -8.0]
+    a2 = np.eye(4)
+    a2[:3, :3] = _rotation_z(10) @ np.diag([2.0, 1.8, 2.5])
+    a2[:3, 3] = [-9.0, -11.0, -6.0]
+    f1 = _nifti(tmp_path / "c_t1.nii.gz", smooth((16, 14, 10), a1), a1)
+    f2 = _nifti(tmp_path / "c_flair.nii.gz", smooth((14, 13, 9), a2), a2)
+    out = LoadRecordd.of(_dc("data.spatial_dims=3", "data.channels=[t1,flair]"), ["image"])({"image": [f1, f2]})["image"]
+    assert out.shape == (2, 16, 14, 10)
+    np.testing.assert_allclose(np.asarray(out.affine), a1, atol=1e-6)
+    fixed, moving = sitk.ReadImage(f1), sitk.ReadImage(f2)
+    res = sitk.Resample(moving, fixed, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    ref = sitk.GetArrayFromImage(res).transpose(2, 1, 0)  # (z, y, x) -> the file's (x, y, z)
+    # compare where the first grid's voxel lies at least one voxel inside the second image (edges:
+    # SimpleITK and MONAI treat the last half voxel differently)
+    idx = np.stack(np.meshgrid(*[np.arange(s) for s in (16, 14, 10)], indexing="ij"), -1).reshape(-1, 3)
+    cont = (np.linalg.inv(a2) @ (a1 @ np.c_[idx, np.ones(len(idx))].T))[:3].T
+    inside = np.all((cont >= 1) & (cont <= np.array([14, 13, 9]) - 2), axis=1).reshape(16, 14, 10)
+    assert inside.sum() > 500
+    np.testing.assert_allclose(out[1].numpy()[inside], ref[inside], rtol=0, atol=1e-3)  # values 60..175; seen 5e-5
+    np.testing.assert_array_equal(out[0].numpy(), smooth((16, 14, 10), a1))  # the first channel is untouched
+
+
+def test_channels_that_do_not_overlap_are_refused(tmp_path):
+    a1, a2 = np.eye(4), np.eye(4)
+    a2[:3, 3] = [500.0, 0, 0]
+    rng = np.random.default_rng(1)
+    f1 = _nifti(tmp_path / "x_t1.nii.gz", rng.random((8, 8, 8)).astype(np.float32), a1)
+    f2 = _nifti(tmp_path / "x_t2.nii.gz", rng.random((8, 8, 8)).astype(np.float32), a2)
+    with pytest.raises(DataError, match=r"x_t1.nii.gz: channel 't2' .* does not overlap the first channel"):
+        LoadRecordd.of(_dc("data.spatial_dims=3", "data.channels=[t1,t2]"), ["image"])({"image": [f1, f2]})
+
+
+# ---- a DICOM study: one series per channel, chosen by SeriesDescription ---------------------------------
+def _describe(folder: Path, description: str) -> None:
+    import pydicom
+
+    for f in folder.iterdir():
+        ds = pydicom.dcmread(str(f))
+        ds.SeriesDescription = description
+        ds.save_as(str(f))
+
+
+@pytest.fixture()
+def study(tmp_path):
+    from medmim.data.synthetic import ct_like_volume, write_dicom_series
+
+    vols = {}
+    for name, desc, seed in (("t1", "T1 AX post", 0), ("flair", "FLAIR AX", 1), ("loc", "Localizer", 2)):
+        vol = ct_like_volume((10, 12, 6), seed=seed)
+        folder, _uid = write_dicom_series(tmp_path / "study" / name, vol, spacing=(0.5, 0.8, 2.0))
+        _describe(folder, desc)
+        vols[name] = vol
+    return tmp_path / "study", vols
+
+
+def test_dicom_study_series_selected_by_description(study):
+    root, vols = study
+    dc = _dc("data.spatial_dims=3",
+             'data.channels=[{"name": "t1", "series": "t1*"}, {"name": "flair", "series": "FLAIR*"}]')
+    out = LoadRecordd.of(dc, ["image"])({"image": str(root)})["image"]
+    assert out.shape == (2, 12, 10, 6)
+    for c, name in enumerate(("t1", "flair")):  # pydicom-written slices in canonical RAS order
+        expected = vols[name].transpose(1, 0, 2)[::-1, ::-1, :].astype(np.float32)
+        np.testing.assert_array_equal(out[c].numpy(), expected)
+    # default pattern: *<name>*, case-insensitive
+    out2 = LoadRecordd.of(_dc("data.spatial_dims=3", "data.channels=[t1,flair]"), ["image"])({"image": str(root)})
+    assert torch.equal(out2["image"], out)
+
+
+@pytest.mark.parametrize("pattern,needle", [("t2*", "no series matches SeriesDescription pattern 't2\\*'"),
+                                            ("*ax*", "2 series match SeriesDescription pattern")])
+def test_dicom_study_no_or_several_matches_listed(study, pattern, needle):
+    root, _ = study
+    dc = _dc("data.spatial_dims=3", f'data.channels=[{{"name": "a", "series": "{pattern}"}}, "flair"]')
+    with pytest.raises(DataError, match=needle) as err:
+        LoadRecordd.of(dc, ["image"])({"image": str(root)})
+    msg = str(err.value)
+    assert msg.startswith(str(root)) and "'Localizer'" in msg and "'T1 AX post'" in msg and "\n" not in msg
+
+
+# ---- everything keyed on a record's image -------------------------------------------------------------
+def _two_channel_set(root: Path, n: int = 8, split: bool = True):
+    """n two-channel PNG cases (one patient each) and their manifest (image_t1, image_flair)."""
+    rng = np.random.default_rng(5)
+    lines = ["image_t1,image_flair,label,patient_id" + (",split" if split else "")]
+    for i in range(n):
+        for ch in ("t1", "flair"):
+            _png(root / f"p{i}_{ch}.png", rng.random((20, 20)) * 255)
+        sp = ["train", "train", "train", "train", "val", "val", "test", "test"][i % 8]
+        lines.append(f"p{i}_t1.png,p{i}_flair.png,{i % 2},P{i}" + (f",{sp}" if split else ""))
+    (root / "m.csv").write_text("\n".join(lines) + "\n")
+    return root / "m.csv"
+
+
+def _cfg_mc(manifest, *extra):
+    return load_config(None, ["data.source=manifest", f"data.path={manifest}", "data.channels=[t1,flair]",
+                              "data.image_size=16", *extra])
+
+
+def test_content_hash_duplicates_and_fingerprint_follow_every_channel(tmp_path):
+    import shutil
+
+    from medmim.data.manifest import records_fingerprint
+    from medmim.data.splits import content_hash, cross_split_duplicates
+
+    man = _two_channel_set(tmp_path)
+    recs = read_manifest(man, ["t1", "flair"])
+    h = content_hash(recs[0])
+    assert h == content_hash({"image": list(recs[0]["image"])}) and h != content_hash(recs[1])
+    # a test case that is a byte copy of a train case (both channels) is found; one channel alone is not
+    shutil.copy(tmp_path / "p0_t1.png", tmp_path / "p6_t1.png")
+    assert cross_split_duplicates(read_manifest(man, ["t1", "flair"])) == []
+    shutil.copy(tmp_path / "p0_flair.png", tmp_path / "p6_flair.png")
+    groups = cross_split_duplicates(read_manifest(man, ["t1", "flair"]))
+    assert len(groups) == 1 and [r["patient_id"] for r in groups[0]] == ["P0", "P6"]
+    bundle = prepare_data(_cfg_mc(man))
+    assert [d["split"] for d in bundle.duplicates] == ["test"]
+    assert bundle.duplicates[0]["file"] == str(tmp_path / "p6_t1.png")  # the case: its first channel
+    # the fingerprint sees every channel's file
+    fp = records_fingerprint(recs)
+    (tmp_path / "p3_flair.png").write_bytes((tmp_path / "p3_flair.png").read_bytes() + b"\0" * 7)
+    assert records_fingerprint(read_manifest(man, ["t1", "flair"])) != fp
+
+
+def test_disk_cache_keys_include_channels_and_presets(tmp_path):
+    from medmim.data.cache import item_key, transform_config, transform_key
+    from medmim.data.dataset import materialize
+
+    man = _two_channel_set(tmp_path)
+    plain = load_config(None, ["data.image_size=16"]).data
+    two = _cfg_mc(man).data
+    zs = _cfg_mc(man, 'data.channels=[{"name": "t1", "preset": "mri_zscore"}, "flair"]').data
+    assert "channels" not in transform_config(plain, "xray", False)  # grayscale caches keep their folder
+    keys = {transform_key(dc, "xray", False) for dc in (plain, two, zs)}
+    assert len(keys) == 3
+    assert transform_config(zs, "xray", False)["channels"][0] == {"name": "t1", "preset": "mri_zscore", "series": None}
+    recs = read_manifest(man, ["t1", "flair"])
+    k = item_key({"image": recs[0]["image"]})
+    assert k != item_key({"image": recs[0]["image"][:1]}) and k != item_key({"image": recs[0]["image"][::-1]})
+    os.utime(recs[0]["image"][1], ns=(1, 1))  # the second channel's file changed: a new entry
+    assert item_key({"image": recs[0]["image"]}) != k
+    # disk cache round trip equals the memory chain
+    dc = _cfg_mc(man, "data.cache=disk", f"data.cache_dir={tmp_path / 'cache'}").data
+    disk = materialize(recs[:4], dc, "xray")
+    again = materialize(recs[:4], dc, "xray")  # read back from the shards
+    mem = materialize(recs[:4], two, "xray")
+    for a, b, c in zip(disk, again, mem):
+        assert a["image"].shape == (2, 16, 16)
+        assert torch.equal(a["image"], c["image"]) and torch.equal(b["image"], c["image"])
+
+
+def test_describe_failure_names_the_case_and_channel(tmp_path):
+    from medmim.data.dataset import describe_failure
+
+    man = _two_channel_set(tmp_path)
+    rec = read_manifest(man, ["t1", "flair"])[0]
+    Path(rec["image"][1]).write_bytes(b"not a picture")
+    try:
+        deterministic_transforms(_cfg_mc(man).data, "xray", with_mask=False)({"image": rec["image"]})
+    except Exception as exc:  # noqa: BLE001
+        info = describe_failure(rec, exc)
+    assert info["file"] == rec["image"][1] and "unreadable" in info["reason"]
+    info = describe_failure(rec, RuntimeError("boom"))
+    assert info["file"] == rec["image"][0]  # a case is named by its first channel's file
+
+
+def test_data_card_and_check_record_channels(tmp_path, capsys):
+    from medmim.cli import main
+
+    man = _two_channel_set(tmp_path)
+    over = ["data.source=manifest", f"data.path={man}", 'data.channels=[{"name": "t1", "preset": "mri_zscore"}, "flair"]',
+            "data.image_size=16", f"run.out_dir={tmp_path / 'runs'}", "run.name=mc"]
+    assert main(["data", "card", "-c", "configs/demo.yaml" if Path("configs/demo.yaml").exists() else "demo",
+                 *over, "--out", str(tmp_path / "card")]) == 0
+    card = json.loads((tmp_path / "card.json").read_text())
+    assert card["channels"] == [{"name": "t1", "preset": "mri_zscore", "series": None},
+                                {"name": "flair", "preset": card["preset"], "series": None}]
+    assert "| channels | 2: t1 (mri_zscore); flair (" in (tmp_path / "card.md").read_text()
+    assert card["size_histogram"] == {"20×20": 8}
+    assert main(["data", "card", "--manifest", str(man), "--channels", "t1,flair", "--out", str(tmp_path / "c2")]) == 0
+    assert json.loads((tmp_path / "c2.json").read_text())["channels"][1]["name"] == "flair"
+    capsys.readouterr()
+    os.remove(tmp_path / "p2_flair.png")
+    assert main(["data", "check", "-c", "demo", *over]) == 0
+    out = capsys.readouterr().out
+    summary = json.loads(out.splitlines()[0])
+    assert summary["channels"]["t1"] == "mri_zscore" and summary["skipped"] == 1
+    skipped = (tmp_path / "runs" / "mc" / "skipped.csv").read_text()
+    assert "p2_flair.png" in skipped and "file not found" in skipped
+
+
+def test_pool_manifest_follows_channels_and_single_image_sources_refused(tmp_path):
+    man = _two_channel_set(tmp_path)
+    rng = np.random.default_rng(9)
+    pool_lines = ["image_t1,image_flair"]
+    for i in range(3):
+        for ch in ("t1", "flair"):
+            _png(tmp_path / f"u{i}_{ch}.png", rng.random((20, 20)) * 255)
+        pool_lines.append(f"u{i}_t1.png,u{i}_flair.png")
+    pool_lines.append("p4_t1.png,p4_flair.png")  # a val case: dropped by the leakage guard
+    pool_lines.append("u0_t1.png,")  # no flair: skipped and listed
+    (tmp_path / "pool.csv").write_text("\n".join(pool_lines) + "\n")
+    cfg = _cfg_mc(man, f"data.unlabelled=[{tmp_path / 'pool.csv'}]")
+    bundle = prepare_data(cfg)
+    assert len(bundle.pool) == 3 and all(isinstance(r["image"], list) for r in bundle.pool)
+    assert bundle.pool_info["dropped"]["val"] == 1
+    assert any("pool.csv row 6" in s["file"] for s in bundle.skipped)
+    from medmim.data.dataset import materialize
+
+    items = materialize(bundle.pool, cfg.data, bundle.preset)
+    assert len(items) == 3 and items[0]["image"].shape == (2, 16, 16)
+    (tmp_path / "folder").mkdir()
+    _png(tmp_path / "folder" / "x.png", rng.random((20, 20)) * 255)
+    with pytest.raises(DataError, match=r"folder: a 'folder' unlabelled source holds single images, but "
+                                        r"data.channels declares 2 \(t1, flair\)"):
+        prepare_data(_cfg_mc(man, f"data.unlabelled=[{tmp_path / 'folder'}]"))
+
+
+def test_decathlon_multimodality_task_as_channels(tmp_path, capsys):
+    """A Decathlon-layout task whose images are 4D (x, y, z, modality), read as channels."""
+    import nibabel as nib
+
+    from medmim.cli import main
+
+    rng = np.random.default_rng(2)
+    task = tmp_path / "Task01_BrainTumour"
+    (task / "imagesTr").mkdir(parents=True)
+    (task / "labelsTr").mkdir()
+    training = []
+    arrays = {}
+    for i in range(4):
+        vol = rng.gamma(2.0, 30.0, (10, 12, 8, 3)).astype(np.float32)
+        arrays[i] = vol
+        nib.save(nib.Nifti1Image(vol, np.eye(4)), str(task / "imagesTr" / f"BRATS_{i:03d}.nii.gz"))
+        nib.save(nib.Nifti1Image((vol[..., 0] > 80).astype(np.uint8), np.eye(4)),
+                 str(task / "labelsTr" / f"BRATS_{i:03d}.nii.gz"))
+        training.append({"image": f"./imagesTr/BRATS_{i:03d}.nii.gz", "label": f"./labelsTr/BRATS_{i:03d}.nii.gz"})
+    (task / "dataset.json").write_text(json.dumps({"name": "BrainTumour", "modality": {"0": "FLAIR", "1": "T1w",
+                                                                                       "2": "T2w"},
+                                                   "training": training, "test": []}))
+    assert main(["data", "manifest", "--from", "decathlon", str(task), "--out", str(tmp_path / "m.csv")]) == 0
+    assert "data.channels=[flair,t1w,t2w]" in capsys.readouterr().out
+    dc = _dc("data.spatial_dims=3", "data.channels=[flair,t1w,t2w]", "data.orientation=null", "data.resize=none")
+    rec = read_manifest(tmp_path / "m.csv", dc.channels)[0]
+    out = deterministic_transforms(dc, "mri_zscore", with_mask=True)({"image": rec["image"], "mask": rec["mask"]})
+    assert out["image"].shape == (3, 10, 12, 8) and out["mask"].shape == (1, 10, 12, 8)  # masks stay one channel
+    i = int(Path(rec["image"]).name[6:9])
+    for c in range(3):
+        want = mt.NormalizeIntensity(nonzero=True)(torch.as_tensor(arrays[i][..., c])[None])
+        np.testing.assert_allclose(out["image"][c].numpy(), np.asarray(want[0]), rtol=1e-5, atol=1e-5)

@@ -236,6 +236,24 @@ def from_decathlon(dataset_json: str | Path) -> list[dict]:
     return rows
 
 
+def decathlon_channels(dataset_json: str | Path) -> list[str]:
+    """Channel names of a Decathlon task from its ``modality`` map (``{"0": "FLAIR", "1": "T1w", ...}``),
+    in index order, made into data.channels names (lower case; other characters become '_'). A
+    multi-modality task's images are 4D (channels last): declare these in data.channels."""
+    import re
+
+    dataset_json = Path(dataset_json)
+    if dataset_json.is_dir():
+        dataset_json = dataset_json / "dataset.json"
+    try:
+        modality = json.loads(dataset_json.read_text()).get("modality") or {}
+    except (OSError, ValueError, AttributeError):
+        return []
+    items = sorted(modality.items(), key=lambda kv: int(kv[0]) if str(kv[0]).isdigit() else 0)
+    names = [re.sub(r"[^a-z0-9_.-]", "_", str(v).strip().lower()).strip("_") or f"ch{k}" for k, v in items]
+    return names if len(set(names)) == len(names) else [f"ch{k}" for k, _ in items]
+
+
 def from_dicom(folder: str | Path, *, salt: str, split_time: bool = True,
                skipped: list[dict] | None = None) -> list[dict]:
     """One row per DICOM series under ``folder`` (``image`` = the series folder, ``series_id`` =

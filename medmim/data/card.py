@@ -1,6 +1,7 @@
 """Data cards: what a data set holds, written as markdown + JSON from a manifest or a config.
 
-A card has counts per split and class (images and patients), modality, image size and voxel
+A card has counts per split and class (images and patients), modality, the input channels (names
+and intensity presets, ``data.channels``), image size and voxel
 spacing histograms (read from headers, not pixels), source and licence fields, the records'
 fingerprint, and, for DICOM inputs, a PHI scan that lists WHICH identifying tags are filled in how
 many files. Values of those tags are never read into the card.
@@ -27,9 +28,13 @@ def _fmt(values) -> str:
     return "×".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
 
 
-def image_geometry(record: dict) -> tuple[tuple | None, tuple | None]:
-    """(size, spacing) of a record's image from its header; (None, None) when unknown."""
+def image_geometry(record: dict, channels=None) -> tuple[tuple | None, tuple | None]:
+    """(size, spacing) of a record's image from its header; (None, None) when unknown. A multi-channel
+    case (``data.channels``) is described by its first channel (the grid every channel is resampled
+    onto); a DICOM study folder by the series of its first channel."""
     ref = record["image"]
+    if isinstance(ref, (list, tuple)):
+        ref = ref[0] if ref else None
     if isinstance(ref, np.ndarray):
         return tuple(ref.shape), None
     text = str(ref)
@@ -40,9 +45,12 @@ def image_geometry(record: dict) -> tuple[tuple | None, tuple | None]:
         return None, None
     suffix = _suffix(p)
     if p.is_dir() or _is_dicom(p):
-        from medmim.data.dicom import header_summary, series_files
+        from medmim.data.dicom import header_summary, series_files, study_series_files
 
-        files = series_files(p, record.get("series_id") or None) if p.is_dir() else [p]
+        if p.is_dir() and channels and not record.get("series_id"):
+            files = study_series_files(p, list(channels)[:1])[0]
+        else:
+            files = series_files(p, record.get("series_id") or None) if p.is_dir() else [p]
         h = header_summary(files[0])
         n_sl = int(record.get("n_slices") or 0) or (len(files) if len(files) > 1 else 0)
         size = (h["cols"], h["rows"], n_sl) if n_sl > 1 else (h["rows"], h["cols"])
@@ -72,23 +80,27 @@ def image_geometry(record: dict) -> tuple[tuple | None, tuple | None]:
 
 
 def _dicom_files(records: list[dict]) -> list[Path]:
+    from medmim.data.manifest import image_refs
+
     files: set[Path] = set()
     for r in records:
-        ref = r.get("image")
-        if not isinstance(ref, (str, Path)) or NPZ_REF.match(str(ref)):
-            continue
-        p = Path(ref)
-        if p.is_dir():
-            files.update(q for q in p.rglob("*") if q.is_file() and not q.name.startswith("."))
-        elif p.exists() and _is_dicom(p):
-            files.add(p)
+        for ref in image_refs(r):  # every channel's file
+            if not isinstance(ref, (str, Path)) or NPZ_REF.match(str(ref)):
+                continue
+            p = Path(ref)
+            if p.is_dir():
+                files.update(q for q in p.rglob("*") if q.is_file() and not q.name.startswith("."))
+            elif p.exists() and _is_dicom(p):
+                files.add(p)
     return sorted(files)
 
 
 def build_card(records: list[dict], *, name: str, source: str = "", licence: str = "", modality: str = "",
                description: str = "", label_names: dict | None = None, skipped: list[dict] | None = None,
-               extra: dict | None = None, pool: dict | None = None, duplicates_dropped: int = 0) -> dict[str, Any]:
-    """The card as a dict (see module doc). ``pool``: what pretraining saw besides the labelled
+               extra: dict | None = None, pool: dict | None = None, duplicates_dropped: int = 0,
+               channels: list[dict] | None = None) -> dict[str, Any]:
+    """The card as a dict (see module doc). ``channels``: the input channels (``data.channels``), each
+    ``{"name", "preset", "series"}`` (preset None where unknown, e.g. a card from a manifest alone). ``pool``: what pretraining saw besides the labelled
     images (``DataBundle.pool_info``, medmim.data.pool), recorded as ``pretraining_pool``.
     ``duplicates_dropped``: images already dropped from these records as byte-identical to another
     split's image (``prepare_data``)."""
@@ -114,7 +126,7 @@ def build_card(records: list[dict], *, name: str, source: str = "", licence: str
     unreadable = 0
     for r in sampled:
         try:
-            size, sp = image_geometry(r)
+            size, sp = image_geometry(r, [_Channel(c) for c in channels] if channels else None)
         except Exception:  # noqa: BLE001 - the card describes, it does not validate
             size, sp = None, None
         if size is None:
@@ -135,6 +147,7 @@ def build_card(records: list[dict], *, name: str, source: str = "", licence: str
                                            or records),
         "n_images": len(records), "n_patients": len({str(r.get("patient_id")) for r in records}),
         "modality": dict(modalities),
+        "channels": list(channels) if channels else None,  # None: one grayscale channel
         "splits": {s: {"images": sum(per_split[s].values()), "patients": len(patients[s]),
                        "classes": {c: per_split[s].get(c, 0) for c in classes}} for s in splits},
         "label_names": label_names or {},
@@ -151,6 +164,21 @@ def build_card(records: list[dict], *, name: str, source: str = "", licence: str
     if extra:
         card.update(extra)
     return card
+
+
+class _Channel:
+    """A card's channel entry where a ChannelSpec is expected (name, series)."""
+
+    def __init__(self, entry: dict):
+        self.name, self.preset, self.series = entry["name"], entry.get("preset"), entry.get("series")
+
+
+def _channels_text(channels) -> str:
+    if not channels:
+        return "1 (grayscale)"
+    parts = [c["name"] + (f" ({c['preset']})" if c.get("preset") else "")
+             + (f", series '{c['series']}'" if c.get("series") else "") for c in channels]
+    return f"{len(channels)}: " + "; ".join(parts)
 
 
 def pool_markdown(pool: dict) -> list[str]:
@@ -179,6 +207,7 @@ def render_markdown(card: dict) -> str:
     lines += ["| field | value |", "|---|---|",
               f"| source | {card.get('source') or '–'} |", f"| licence | {card.get('licence') or '–'} |",
               f"| modality | {', '.join(f'{k} ({v})' for k, v in card['modality'].items())} |",
+              f"| channels | {_channels_text(card.get('channels'))} |",
               f"| images | {card['n_images']} |", f"| patients | {card['n_patients']} |",
               f"| fingerprint | `{card['fingerprint']}` |", f"| skipped at build | {card.get('skipped', 0)} |"]
     dup = card.get("duplicates_across_splits")

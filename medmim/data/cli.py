@@ -58,6 +58,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     c.add_argument("--source", default="", help="where the data comes from (citation, URL)")
     c.add_argument("--licence", default="", help="licence of the data")
     c.add_argument("--label-names", default=None, help='JSON mapping, e.g. \'{"0": "normal", "1": "pneumonia"}\'')
+    c.add_argument("--channels", default=None, metavar="NAME,...", help="--manifest with one file per channel: "
+                   "the channel names, in order (as data.channels; columns image_<name> or 'image' lists)")
     c.set_defaults(handler=cmd_card)
 
     k = sub.add_parser("check", help="read every image of a config once (in data.num_workers processes, "
@@ -120,6 +122,9 @@ def cmd_manifest(args) -> int:
     write_manifest(rows, out, relative_to=out.parent)
     skipped_path = write_skipped(skipped, out.with_name(out.stem + ".skipped.csv"))
     print(f"manifest: {out} ({len(rows)} rows{_summary(rows)})")
+    if args.kind == "decathlon" and len(names := builders.decathlon_channels(args.source)) > 1:
+        print(f"multi-modality task: its images hold {len(names)} channels (last axis); declare "
+              f"data.channels=[{','.join(names)}] (data.channel_axis=-1), see docs/data.md")
     if skipped_path:
         print(f"skipped {len(skipped)} file(s): see {skipped_path}")
     return 0
@@ -163,10 +168,12 @@ def cmd_card(args) -> int:
         except (ValueError, AttributeError):
             raise DataError(f"--label-names: not a JSON mapping: {args.label_names!r}") from None
     if args.manifest:
-        records = read_manifest(args.manifest)
+        names = [n.strip() for n in (args.channels or "").split(",") if n.strip()]
+        records = read_manifest(args.manifest, names or None)
         name = args.name or Path(args.manifest).stem
         source = args.source or f"manifest {Path(args.manifest).name}"
         extra, dropped, pool = {}, 0, None
+        channels = [{"name": n, "preset": None, "series": None} for n in names] or None
     else:
         cfg, bundle = _config_records(args.config, args.overrides)
         records = [r for s in ("train", "val", "test") for r in bundle.split(s)]
@@ -176,14 +183,25 @@ def cmd_card(args) -> int:
                  "config_data": cfg.data.model_dump(mode="json", exclude={"path"})}
         dropped = len(bundle.duplicates)
         pool = bundle.pool_info  # the unlabelled pretraining pool, when data.unlabelled names one
+        channels = _channel_entries(cfg.data, bundle.preset)
     for r in records:
         if r.get("label_name") not in (None, "") and r.get("label") not in (None, ""):
             label_names.setdefault(json.dumps(r["label"]), str(r["label_name"]))
     card = build_card(records, name=name, source=source, licence=args.licence, description=args.description,
-                      label_names=label_names, extra=extra, duplicates_dropped=dropped, pool=pool)
+                      label_names=label_names, extra=extra, duplicates_dropped=dropped, pool=pool,
+                      channels=channels)
     md, js = write_card(card, args.out)
     print(f"data card: {md} and {js}")
     return 0
+
+
+def _channel_entries(dc, preset: str) -> list[dict] | None:
+    """data.channels with each channel's resolved intensity preset (None: one grayscale channel)."""
+    from medmim.data.presets import channel_presets
+
+    if not dc.channels:
+        return None
+    return [{"name": c.name, "preset": p, "series": c.series} for c, p in zip(dc.channels, channel_presets(dc, preset))]
 
 
 def cmd_check(args) -> int:
@@ -199,7 +217,10 @@ def cmd_check(args) -> int:
         counts[split] = len(items)
     out = Path(args.out) if args.out else Path(cfg.run.out_dir) / cfg.run.name / "skipped.csv"
     path = bundle.write_skipped(out)
-    print(json.dumps({"usable": counts, "skipped": len(bundle.skipped), "preset": bundle.preset}))
+    summary = {"usable": counts, "skipped": len(bundle.skipped), "preset": bundle.preset}
+    if cfg.data.channels:
+        summary["channels"] = {c["name"]: c["preset"] for c in _channel_entries(cfg.data, bundle.preset)}
+    print(json.dumps(summary))
     if path:
         print(f"skipped files listed in {path}")
     return 0

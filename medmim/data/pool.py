@@ -13,7 +13,10 @@ A hospital has far more scans than labels. Each ``data.unlabelled`` entry names 
   DICOM files and no other images, else a folder).
 
 Each source may carry its own intensity ``preset`` (or ``modality``, whose default preset is used);
-without either, it gets the labelled data's preset. ``fraction`` keeps a seeded, nested subset
+without either, it gets the labelled data's preset. With ``data.channels`` declared, a channel's own
+``preset`` wins over the source's; a manifest source gives every channel per row (as the labelled
+manifest does), and a folder, DICOM or npz source (single images) is refused when more than one
+channel is declared. ``fraction`` keeps a seeded, nested subset
 (10% ⊂ 30% ⊂ 100% for one ``run.seed``), for pool-size curves. The phantom source can also generate
 a pool (``data.phantoms.pool_patients``: more patients of the same distribution, labels dropped).
 
@@ -60,6 +63,10 @@ def content_hash(ref, *, series_id: str | None = None, frame: int | str | None =
     references with the same hash hold the same image, wherever they live."""
     from medmim.data.splits import content_hash as record_content_hash
 
+    if isinstance(ref, (list, tuple)):  # one reference per channel (data.channels): each hashed, in order
+        parts = [content_hash(r, series_id=series_id) for r in ref]
+        digest = hashlib.sha256(f"channels={len(parts)}|{'|'.join(parts)}".encode()).hexdigest()
+        return digest if frame in (None, "") else hashlib.sha256(f"{digest}|frame={int(frame)}".encode()).hexdigest()
     if isinstance(ref, np.ndarray) or type(ref).__module__.startswith("torch"):
         return record_content_hash({"image": np.asarray(ref)})
     text = str(ref)
@@ -68,10 +75,15 @@ def content_hash(ref, *, series_id: str | None = None, frame: int | str | None =
     path = Path(text)
     if not path.exists():
         raise DataError(f"{path}: file not found")
-    if path.is_dir():
-        from medmim.data.dicom import series_files
+    if path.is_dir():  # a DICOM series, or (no series_id) every series of the folder: a study's channels
+        from medmim.data.dicom import scan_folder, select_series
 
-        files = sorted(series_files(path, series_id or None), key=lambda p: p.name)
+        series = scan_folder(path, salt="", skipped=[])
+        if series_id or len(series) <= 1:
+            files = select_series(series, path, uid=series_id or None).files
+        else:
+            files = [f for info in series.values() for f in info.files]
+        files = sorted(files, key=lambda p: (p.name, str(p)))
         digest = hashlib.sha256("".join(record_content_hash({"image": str(f)}) for f in files).encode()).hexdigest()
     else:
         digest = record_content_hash({"image": text})
@@ -165,10 +177,10 @@ def _has_column(path: Path, column: str) -> bool:
         return column in (csv.DictReader(fh).fieldnames or [])
 
 
-def _manifest_records(path: Path) -> list[dict]:
+def _manifest_records(path: Path, channels=None, skipped: list[dict] | None = None) -> list[dict]:
     from medmim.data.manifest import read_manifest
 
-    rows = read_manifest(path)
+    rows = read_manifest(path, channels, skipped if channels else None)  # rows missing a channel: skipped
     with_ids = _has_column(path, "patient_id")
     out = []
     for r in rows:
@@ -206,13 +218,21 @@ def _npz_records(path: Path, keys: list[str] | None) -> list[dict]:
 
 
 def source_records(src: UnlabelledSource, *, labelled_path: str | None = None,
-                   skipped: list[dict] | None = None) -> tuple[list[dict], str]:
-    """The records of one unlabelled source (no labels, masks or splits) and its resolved kind."""
+                   skipped: list[dict] | None = None, channels=None) -> tuple[list[dict], str]:
+    """The records of one unlabelled source (no labels, masks or splits) and its resolved kind.
+
+    ``channels`` (``data.channels``): a manifest source is read with them (its rows give every
+    channel, as the labelled manifest's do); a folder, DICOM or npz source holds single images, which
+    cannot make a case of several channels, so it is refused when more than one channel is declared."""
     skipped = skipped if skipped is not None else []
     path = Path(src.path)
     kind = detect_kind(path) if src.kind == "auto" else src.kind
     if not path.exists():
         raise DataError(f"{path}: unlabelled source not found")
+    if channels and len(channels) > 1 and kind != "manifest":
+        names = ", ".join(c.name for c in channels)
+        raise DataError(f"{path}: a '{kind}' unlabelled source holds single images, but data.channels declares "
+                        f"{len(channels)} ({names}); give the pool as a manifest with one file per channel")
     if kind == "folder":
         if not path.is_dir():
             raise DataError(f"{path}: kind 'folder' needs a folder")
@@ -220,7 +240,7 @@ def source_records(src: UnlabelledSource, *, labelled_path: str | None = None,
     elif kind == "dicom":
         rows, _shared = _dicom_records(path, labelled_path, skipped)
     elif kind == "manifest":
-        rows = _manifest_records(path)
+        rows = _manifest_records(path, channels, skipped)
     elif kind == "npz":
         rows = _npz_records(path, src.keys)
     else:  # pragma: no cover - the config forbids other kinds
@@ -289,7 +309,7 @@ def build_pool(cfg: Config, labelled: dict[str, list[dict]], default_preset: str
     for index, (src, preset) in enumerate(sources):
         name = src.name or f"{Path(src.path).name}"
         n_skipped = len(skipped)
-        rows, kind = source_records(src, labelled_path=dc.path, skipped=skipped)
+        rows, kind = source_records(src, labelled_path=dc.path, skipped=skipped, channels=dc.channels)
         found = len(rows)
         rows = _subset(rows, src.fraction, cfg.run.seed, index)
         rep = {"name": name, "kind": kind, "preset": preset, "found": found, "sampled": len(rows),

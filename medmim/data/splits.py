@@ -207,6 +207,9 @@ def _size_key(record: dict):
     from medmim.data.readers import NPZ_REF, npz_entry
 
     img = record.get("image")
+    if isinstance(img, (list, tuple)):  # one file per channel (data.channels): every size, in order
+        keys = [_size_key({"image": ref}) for ref in img]
+        return None if any(k is None for k in keys) else ("channels", tuple(keys))
     if isinstance(img, np.ndarray):
         return ("array", img.shape, img.dtype.str)
     text = str(img)
@@ -223,13 +226,20 @@ def _size_key(record: dict):
 
 
 def content_hash(record: dict) -> str:
-    """blake2b of a file's bytes, or of an array's shape, dtype and bytes (npz entries, in-memory data)."""
+    """blake2b of a file's bytes, or of an array's shape, dtype and bytes (npz entries, in-memory data);
+    for a case with one file per channel (``image`` a list), of the channel count and each channel's hash
+    in channel order."""
     import hashlib
 
     from medmim.data.readers import NPZ_REF, npz_entry
 
     h = hashlib.blake2b(digest_size=20)
     img = record.get("image")
+    if isinstance(img, (list, tuple)):
+        h.update(f"channels={len(img)}".encode())
+        for ref in img:
+            h.update(content_hash({"image": ref}).encode())
+        return h.hexdigest()
     if isinstance(img, np.ndarray) or NPZ_REF.match(str(img)):
         arr = np.ascontiguousarray(img if isinstance(img, np.ndarray) else npz_entry(str(img)))
         h.update(repr((arr.shape, arr.dtype.str)).encode())
@@ -272,6 +282,8 @@ def cross_split_duplicates(records: list[dict]) -> list[list[dict]]:
 
 def _name(record: dict) -> str:
     ref = record.get("source") or record.get("image")
+    if isinstance(ref, (list, tuple)) and ref:  # one file per channel: the case's first channel
+        ref = ref[0]
     return str(ref) if isinstance(ref, (str, Path)) else "<array>"
 
 
