@@ -14,7 +14,10 @@ size as training and ``medmim evaluate``. There is no second loader here.
   PNG with the picture's rows and columns.
 
 A DICOM series (a folder of slices, or several series in one folder) is one input volume, as in
-training. A file that cannot be used gets one error line and is listed in ``errors.csv``; the
+training. Multi-channel runs (``data.channels``) take one multi-channel file per case (a 4D NIfTI...)
+or a manifest (``.csv`` / ``.jsonl``) whose rows give each case's channel files (``image_<name>``
+columns or an ``image`` list, read as training reads them); an input whose channel count differs from
+the model's is refused with one line naming the file. A file that cannot be used gets one error line and is listed in ``errors.csv``; the
 other inputs still get their predictions.
 """
 
@@ -39,6 +42,7 @@ from medmim.progress import ProgressBar
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr", ".png", ".jpg", ".jpeg", ".bmp",
                   ".tif", ".tiff", ".dcm", ".npy")
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
+MANIFEST_SUFFIXES = (".csv", ".jsonl")
 DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
 
 
@@ -57,17 +61,22 @@ def _stem(path: Path) -> str:
 
 @dataclass(frozen=True)
 class Input:
-    """One model input: a file, or a DICOM series (``path`` = its folder, ``series_id`` = its UID)."""
+    """One model input: a file, or a DICOM series (``path`` = its folder, ``series_id`` = its UID), or
+    the channel files of one case (``files``, from a manifest row; ``path`` = the first channel's)."""
 
     path: Path
     series_id: str | None = None
+    files: tuple[str, ...] | None = None
 
     def record(self) -> dict:
         """The record the deterministic chain reads (the same keys a manifest row has)."""
-        rec = {"image": str(self.path)}
+        rec = {"image": list(self.files) if self.files else str(self.path)}
         if self.series_id:
             rec["series_id"] = self.series_id
         return rec
+
+    def paths(self) -> list[Path]:
+        return [Path(f) for f in self.files] if self.files else [self.path]
 
     @property
     def name(self) -> str:
@@ -80,8 +89,24 @@ def _looks_dicom(path: Path) -> bool:
     return _suffix(path) in DICOM_SUFFIXES or (path.suffix == "" and _is_dicom(path))
 
 
-def collect_inputs(paths: Iterable[str | Path]) -> list[Input]:
-    """Files as given (any suffix: a bad one fails for that file only); folders searched
+def manifest_inputs(path: Path, channels=None) -> list[Input]:
+    """The cases of a manifest (``data.channels``: each row's channel files, as training reads them)."""
+    from medmim.data.manifest import read_manifest
+
+    rows = read_manifest(path, channels=channels) if channels else read_manifest(path)
+    out = []
+    for row in rows:
+        image, series = row["image"], str(row.get("series_id") or "") or None
+        if isinstance(image, (list, tuple)):
+            out.append(Input(Path(image[0]), series, files=tuple(str(f) for f in image)))
+        else:
+            out.append(Input(Path(image), series))
+    return out
+
+
+def collect_inputs(paths: Iterable[str | Path], channels=None) -> list[Input]:
+    """Files as given (any suffix: a bad one fails for that file only); manifests (``.csv``,
+    ``.jsonl``) one input per row (``channels``: the run's ``data.channels``); folders searched
     recursively: picture/volume files one input each, DICOM files grouped into series (one input
     per series). Sorted, without duplicates."""
     from medmim.data.dicom import scan_folder
@@ -89,6 +114,9 @@ def collect_inputs(paths: Iterable[str | Path]) -> list[Input]:
     out: list[Input] = []
     for p in paths:
         p = Path(p)
+        if p.is_file() and p.name.lower().endswith(MANIFEST_SUFFIXES):
+            out += manifest_inputs(p, channels)
+            continue
         if not p.is_dir():
             out.append(Input(p))
             continue
@@ -104,7 +132,7 @@ def collect_inputs(paths: Iterable[str | Path]) -> list[Input]:
                 out.append(Input(info.files[0]) if len(info.files) == 1 else Input(info.folder, uid))
     seen, unique = set(), []
     for inp in out:
-        key = (str(inp.path.resolve()) if inp.path.exists() else str(inp.path), inp.series_id)
+        key = (str(inp.path.resolve()) if inp.path.exists() else str(inp.path), inp.series_id, inp.files)
         if key not in seen:
             seen.add(key)
             unique.append(inp)
@@ -148,13 +176,13 @@ def find_run(run_dir: str | Path) -> tuple[Path, Config, str]:
 def load_run_model(ckpt_path: Path, cfg: Config) -> torch.nn.Module:
     """The fine-tuned model of a run (classifier or segmenter, as its config says) with the weights
     of ``ckpt_path``; a clear error when they do not fit."""
-    from medmim.models import encoder_from_config
     from medmim.train.checkpoint import safe_torch_load
+    from medmim.train.stages import build_encoder_for
 
     state = safe_torch_load(ckpt_path)["model"]
     if cfg.finetune.head != "segment" and not cfg.data.num_classes:
         raise MedmimError(f"{ckpt_path}: the run's config.yaml records no data.num_classes; cannot rebuild its head")
-    encoder = encoder_from_config(cfg.encoder, cfg.data.spatial_dims, cfg.data.image_size)
+    encoder = build_encoder_for(cfg)
     if cfg.finetune.head == "segment":
         from medmim.models.segmentation import Segmenter
 
@@ -222,15 +250,17 @@ class Predictor:
 
         inp = inp if isinstance(inp, Input) else Input(Path(inp))
         rec = inp.record()
-        if not inp.path.exists():
-            raise DataError(f"{inp.path}: file not found")
+        for path in inp.paths():
+            if not path.exists():
+                raise DataError(f"{path}: file not found")
         try:
             image = (self.native_chain if native and self.native_chain is not None else self.chain)(rec)["image"]
         except Exception as exc:  # noqa: BLE001 - reader and transform errors, reported per file
             info = describe_failure(rec, exc)
             raise DataError(f"{info['file']}: {info['reason']}") from None
         if image.shape[0] != self.in_channels:
-            raise DataError(f"{inp.path}: the model takes {self.in_channels} channel(s), this image has "
+            names = f" ({', '.join(self.cfg.data.channel_names)})" if self.cfg.data.channels else ""
+            raise DataError(f"{inp.path}: the model takes {self.in_channels} channel(s){names}, this image has "
                             f"{image.shape[0]}")
         return image
 
@@ -319,9 +349,9 @@ def predict(run_dir: str | Path, inputs: Iterable[str | Path], out_dir: str | Pa
     """Predict every input; one error line per unusable input, the others go on."""
     err = err or sys.stderr
     pred = predictor or Predictor.from_run(run_dir, device=device)
-    items = collect_inputs(inputs)
+    items = collect_inputs(inputs, channels=pred.cfg.data.channels)
     if not items:
-        raise MedmimError("no input images (give files, DICOM series folders, or folders holding "
+        raise MedmimError("no input images (give files, manifests, DICOM series folders, or folders holding "
                           + ", ".join(IMAGE_SUFFIXES) + ")")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,10 @@ with one ``grid_sample`` per step, on whatever device the batch is on (the GPU u
   first axis only, and so does this), translation U(-TRANSLATE, TRANSLATE) x image size per axis,
   zero padding, bilinear (masks: nearest), as ``RandAffined``;
 * intensity scaling with probability INTENSITY_PROB: x (1 + U(-INTENSITY, INTENSITY)), as
-  ``RandScaleIntensityd``.
+  ``RandScaleIntensityd``;
+* channel dropout (``data.channel_dropout = p``, multi-channel inputs): each channel zeroed with
+  probability p, never all channels of one image, as ``RandChannelDropoutd`` (both draw their keep
+  pattern with :func:`channel_keep`: independent drops conditioned on one channel kept at least).
 
 Each sample's parameters are a function of (seed, epoch, dataset index) only -- a counter-based
 hash, no generator state -- so they do not depend on the rank, the worker, the batch a sample
@@ -29,6 +32,7 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from monai import transforms as mt
 
 # the augmentation's parameters: one definition for the per-sample MONAI chain and the batched one
 AFFINE_PROB = 0.7
@@ -59,6 +63,56 @@ def uniforms(seed: int, epoch: int, index: np.ndarray, n: int) -> np.ndarray:
     return (cols >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
 
 
+def independent_drop_rate(p: float, channels: int) -> float:
+    """The rate q of independent channel drops which, conditioned on at least one channel kept, drops
+    each channel with probability exactly ``p``: the root of ``(q - q**C) / (1 - q**C) = p``. That
+    marginal rises from 0 to ``(C - 1) / C`` (one channel left) as q goes to 1, so ``p`` must stay
+    below ``(C - 1) / C``."""
+    c = int(channels)
+    if p <= 0 or c < 2:
+        return 0.0
+    if p >= (c - 1) / c:
+        raise ValueError(f"channel dropout {p} cannot be met with {c} channels while one is always kept "
+                         f"(at most {(c - 1) / c:.3g})")
+    lo, hi = p, 1.0  # marginal(q) <= q, so q >= p
+    for _ in range(80):
+        q = (lo + hi) / 2
+        if (q - q**c) / (1 - q**c) < p:
+            lo = q
+        else:
+            hi = q
+    return (lo + hi) / 2
+
+
+def channel_keep(u: np.ndarray, p: float) -> np.ndarray:
+    """Which channels of each image survive channel dropout: ``u`` (B, C) of U[0, 1) draws -> (B, C)
+    bool, True = kept. Each channel is dropped with probability ``p``; never all of them.
+
+    The law is that of C independent drops at the rate q of :func:`independent_drop_rate`,
+    conditioned on at least one channel kept (a missing sequence is a fact of clinical life; a case
+    with no image is not). It is sampled exactly, channel by channel: while every channel before c
+    was dropped and m channels are left (c included), channel c is dropped with probability
+    ``q (1 - q**(m-1)) / (1 - q**m)``; once one channel is kept, the rest drop independently with
+    probability q. One channel is never dropped.
+    """
+    u = np.asarray(u, dtype=np.float64)
+    if u.ndim != 2:
+        raise ValueError(f"channel_keep takes (B, C) uniforms, got shape {u.shape}")
+    b, c = u.shape
+    keep = np.ones((b, c), dtype=bool)
+    if p <= 0 or c < 2:
+        return keep
+    q = independent_drop_rate(p, c)
+    any_kept = np.zeros(b, dtype=bool)
+    for ch in range(c):
+        m = c - ch
+        cond = q * (1 - q ** (m - 1)) / (1 - q ** m)
+        drop = u[:, ch] < np.where(any_kept, q, cond)
+        keep[:, ch] = ~drop
+        any_kept |= ~drop
+    return keep
+
+
 class BatchAugment:
     """Augment a batch dict (``image``, optional ``mask``, ``INDEX_KEY``) on its device."""
 
@@ -66,22 +120,24 @@ class BatchAugment:
                  crop_scale: Sequence[float] = (0.5, 1.0), affine: bool = True, intensity: bool = True,
                  affine_prob: float = AFFINE_PROB, rotate: float = ROTATE, scale: float = SCALE,
                  translate: float = TRANSLATE, intensity_prob: float = INTENSITY_PROB,
-                 intensity_factor: float = INTENSITY):
+                 intensity_factor: float = INTENSITY, channel_dropout: float = 0.0):
         self.n, self.size, self.seed = spatial_dims, image_size, seed
+        self.channel_dropout = float(channel_dropout)
         self.crop, self.crop_scale = crop, tuple(crop_scale)
         self.affine, self.intensity = affine, intensity
         self.affine_prob, self.rotate, self.scale, self.translate = affine_prob, rotate, scale, translate
         self.intensity_prob, self.intensity_factor = intensity_prob, intensity_factor
 
     def __repr__(self) -> str:
-        on = [k for k in ("crop", "affine", "intensity") if getattr(self, k)]
+        on = [k for k in ("crop", "affine", "intensity", "channel_dropout") if getattr(self, k)]
         return f"BatchAugment({self.n}D, size {self.size}, {'+'.join(on) or 'identity'})"
 
     # ---- parameters ------------------------------------------------------------------------------
-    def params(self, index: np.ndarray, epoch: int) -> dict[str, np.ndarray]:
+    def params(self, index: np.ndarray, epoch: int, channels: int = 1) -> dict[str, np.ndarray]:
         """Every random parameter of each sample (numpy, float64), from (seed, epoch, index)."""
         n = self.n
-        u = uniforms(self.seed, epoch, index, 6 + 4 * n)
+        base = 6 + 4 * n  # columns of the geometric and intensity draws; channel dropout's follow
+        u = uniforms(self.seed, epoch, index, base + channels)
         p: dict[str, np.ndarray] = {}
         # crop (presets.RandResizedCropd.randomize)
         s = self.crop_scale[0] + (self.crop_scale[1] - self.crop_scale[0]) * u[:, 0]
@@ -100,6 +156,8 @@ class BatchAugment:
         # intensity (RandScaleIntensity: factors INTENSITY, prob INTENSITY_PROB)
         p["intensity_on"] = u[:, c] < self.intensity_prob
         p["factor"] = 1.0 + self.intensity_factor * (2 * u[:, c + 1] - 1)
+        # channel dropout (RandChannelDropoutd): one draw per channel
+        p["channel_keep"] = channel_keep(u[:, base:base + channels], self.channel_dropout)
         return p
 
     # ---- geometry --------------------------------------------------------------------------------
@@ -157,8 +215,8 @@ class BatchAugment:
         if index is None:
             raise KeyError(f"BatchAugment needs the dataset index of every sample ('{INDEX_KEY}' in the batch)")
         idx = np.asarray(index.cpu() if isinstance(index, torch.Tensor) else index, dtype=np.int64).reshape(-1)
-        p = self.params(idx, epoch)
         x = batch["image"]
+        p = self.params(idx, epoch, channels=int(x.shape[1]))
         mask = batch.get("mask")
         if self.crop:
             if mask is not None:
@@ -177,10 +235,41 @@ class BatchAugment:
         if self.intensity:
             f = np.where(p["intensity_on"], p["factor"], 1.0)
             x = x * torch.as_tensor(f, dtype=x.dtype, device=x.device).view(-1, *([1] * (x.ndim - 1)))
+        if self.channel_dropout > 0 and x.shape[1] > 1:
+            keep = torch.as_tensor(p["channel_keep"], dtype=x.dtype, device=x.device)
+            x = x * keep.view(*keep.shape, *([1] * (x.ndim - 2)))
         batch["image"] = x
         if mask is not None:
             batch["mask"] = mask
         return batch
+
+
+class RandChannelDropoutd(mt.RandomizableTransform, mt.MapTransform):
+    """Per-sample channel dropout of ``keys`` (``(C, *spatial)`` images): each channel zeroed with
+    probability ``prob``, never all of them (:func:`channel_keep`; the batched path draws the same law)."""
+
+    def __init__(self, keys, prob: float):
+        mt.MapTransform.__init__(self, keys)
+        mt.RandomizableTransform.__init__(self, prob=1.0)
+        if not 0 <= prob < 1:
+            raise ValueError(f"channel dropout probability must be in [0, 1), got {prob}")
+        self.drop_prob = float(prob)
+        self._keep: np.ndarray | None = None
+
+    def randomize(self, channels: int) -> None:
+        self._keep = channel_keep(self.R.uniform(size=(1, channels)), self.drop_prob)[0]
+
+    def __call__(self, data: dict) -> dict:
+        d = dict(data)
+        keys = list(self.key_iterator(d))
+        if not keys:
+            return d
+        self.randomize(int(d[keys[0]].shape[0]))
+        for key in keys:
+            img = d[key]
+            keep = torch.as_tensor(self._keep, dtype=img.dtype, device=img.device)
+            d[key] = img * keep.view(-1, *([1] * (img.ndim - 1)))
+        return d
 
 
 def augment_batch(loader, batch: dict) -> dict:

@@ -107,16 +107,11 @@ def _source_records(cfg: DataConfig, skipped: list[dict] | None = None) -> tuple
     declared channel go to ``skipped`` (unless data.strict)."""
     skipped = None if cfg.strict else skipped
     if cfg.source == "phantoms":
-        from medmim.data.phantoms import PhantomSpec, generate
+        from medmim.data.phantoms import phantom_source
 
-        p = cfg.phantoms
-        spec = PhantomSpec(n_patients=p.n_patients, images_per_patient=p.images_per_patient,
-                           size_2d=p.size_2d, size_3d=p.size_3d, abnormal_fraction=p.abnormal_fraction,
-                           seed=p.seed)
-        manifest = generate(p.out_dir, cfg.spatial_dims, spec)
-        preset = "uint8" if cfg.spatial_dims == 2 else "ct_soft_tissue"
-        return (mf.read_manifest(manifest, cfg.channels, skipped), preset,
-                f"medmim phantoms {cfg.spatial_dims}D (seed {p.seed})")
+        # data.channels declared: a multi-sequence MRI set, one sequence per channel
+        manifest, preset, source = phantom_source(cfg)
+        return mf.read_manifest(manifest, cfg.channels, skipped), preset, source
     if cfg.source == "medmnist":
         from medmim.data.medmnist import npz_records
 
@@ -283,7 +278,22 @@ def _batchable(dc: DataConfig, stage: str) -> bool:
 
 def augment_transforms(dc: DataConfig, with_mask: bool, stage: str = "finetune") -> AugmentChain:
     """Light, medically plausible augmentation: small affine jitter, intensity scale; plus the
-    pretraining crops switched on in the config (``stage="pretrain"``). Parameters: medmim.data.augment."""
+    pretraining crops switched on in the config (``stage="pretrain"``) and channel dropout
+    (``data.channel_dropout``: each channel zeroed with that probability, never all of them).
+    Training only: evaluation and prediction run the deterministic chain alone. Parameters:
+    medmim.data.augment."""
+    if dc.channel_dropout > 0 and dc.in_channels < 2:
+        from medmim.errors import ConfigError
+
+        raise ConfigError(f"data.channel_dropout={dc.channel_dropout} needs at least 2 channels in data.channels "
+                          f"(got {dc.in_channels}): the only channel of an image is never dropped")
+    if dc.channel_dropout > 0:
+        try:
+            aug.independent_drop_rate(dc.channel_dropout, dc.in_channels)
+        except ValueError as exc:
+            from medmim.errors import ConfigError
+
+            raise ConfigError(f"data.channel_dropout: {exc}") from None
     keys = ["image", "mask"] if with_mask else ["image"]
     size = (dc.image_size,) * dc.spatial_dims
     rot = (aug.ROTATE,) if dc.spatial_dims == 2 else (aug.ROTATE, 0.0, 0.0)
@@ -300,8 +310,10 @@ def augment_transforms(dc: DataConfig, with_mask: bool, stage: str = "finetune")
     if stage == "pretrain":
         chain = crop_transforms(keys, dc.spatial_dims, dc.image_size, random_resized_crop=dc.random_resized_crop,
                                 crop_scale=dc.crop_scale, patch_samples=dc.patch_samples) + chain
-    batch = aug.BatchAugment(dc.spatial_dims, dc.image_size, crop=crop, crop_scale=dc.crop_scale) \
-        if _batchable(dc, stage) else None
+    if dc.channel_dropout > 0:
+        chain.append(aug.RandChannelDropoutd(["image"], dc.channel_dropout))
+    batch = aug.BatchAugment(dc.spatial_dims, dc.image_size, crop=crop, crop_scale=dc.crop_scale,
+                             channel_dropout=dc.channel_dropout) if _batchable(dc, stage) else None
     return AugmentChain(chain, batch=batch)
 
 

@@ -145,6 +145,7 @@ def model_card(run_dir: str | Path, cfg, data=None, *, runtime=None, n_images: i
 
     parts += ["## Model", "", _table([
         ("architecture", arch), ("spatial dims", dims), ("input channels", side.get("in_channels")),
+        ("channels (preset)", _channels_text(side.get("channels"))),
         ("input size", f"{dc.image_size} per side" if dc.image_size else None),
         ("parameters", f"{n_params:,}" if n_params else None),
         ("feature channels (finest first)", side.get("feature_channels")),
@@ -226,6 +227,17 @@ def model_card(run_dir: str | Path, cfg, data=None, *, runtime=None, n_images: i
     if env.get("git_commit"):
         parts += [f"medmim commit: `{env['git_commit']}`.", ""]
     return "\n".join(parts)
+
+
+def _channels_text(channels) -> str | None:
+    """``t1 (mri_zscore), flair (mri_zscore)`` from the sidecar's ``channels`` list."""
+    if not isinstance(channels, list) or not channels:
+        return None
+    out = []
+    for c in channels:
+        if isinstance(c, dict) and c.get("name"):
+            out.append(f"{c['name']} ({c['preset']})" if c.get("preset") else str(c["name"]))
+    return ", ".join(out) or None
 
 
 def write_model_card(run_dir: str | Path, cfg, data=None, *, runtime=None, n_images: int | None = None,

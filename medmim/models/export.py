@@ -43,8 +43,19 @@ class KeyReport:
         return "\n".join(lines)
 
 
+def channel_metadata(data_cfg, preset: str | None) -> list[dict[str, Any]]:
+    """The input channels of a run, in order, for export sidecars and model cards: ``{"name",
+    "preset"}`` per channel (``data.channels``; its preset, else the run's ``preset``), or one
+    grayscale ``image`` channel when none are declared."""
+    specs = list(getattr(data_cfg, "channels", None) or [])
+    if not specs:
+        return [{"name": "image", "preset": preset}]
+    return [{"name": c.name, "preset": c.preset or preset} for c in specs]
+
+
 def export_encoder(encoder: nn.Module, out_dir: str | Path, meta: dict[str, Any]) -> Path:
-    """Write ``encoder.safetensors`` and ``encoder.json`` (architecture and provenance) atomically."""
+    """Write ``encoder.safetensors`` and ``encoder.json`` (architecture and provenance) atomically.
+    ``meta`` adds to the sidecar (pretraining runs record ``channels``: :func:`channel_metadata`)."""
     out_dir = Path(out_dir)
     state = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
     sidecar = {

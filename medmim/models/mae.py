@@ -4,8 +4,8 @@ MAE (He et al. 2022): the encoder sees ONLY the visible patches; a light decoder
 depth) gets the encoded visible tokens scattered back onto the full grid, a shared learned mask
 token at every hidden cell, plus a fixed sin-cos position embedding, and predicts every patch's
 pixels. The loss is the mean squared error over the HIDDEN patches only, optionally against
-per-patch normalised targets (``norm_pix_loss``: each target patch minus its mean, over its std;
-see :mod:`medmim.models.patches`).
+per-patch normalised targets (``norm_pix_loss``: each target patch minus its mean, over its std,
+per channel for multi-channel inputs; see :mod:`medmim.models.patches`).
 
 SimMIM (Xie et al. 2022), full-token: every patch enters the encoder, hidden ones replaced by a
 learned mask token; a linear head predicts the pixels; L1 on the hidden patches. It costs a full
@@ -155,7 +155,7 @@ class MAE(nn.Module):
         target = patchify(x if target is None else target, self.patch_size)
         target_hidden = _gather(target, ids_hidden)
         if self.norm_pix_loss:
-            target_hidden, mean, std = normalise_patches(target_hidden)
+            target_hidden, mean, std = normalise_patches(target_hidden, self.in_channels)
         loss_hidden = ((pred_hidden - target_hidden) ** 2).mean(-1)  # (B, Nh): one value per patch
         recon_loss = loss_hidden.mean()
         out = {"recon_loss": recon_loss.detach(), "mask": mask}
@@ -210,7 +210,7 @@ class SimMIM(nn.Module):
         pred = self.head(self.encoder.forward_tokens(tokens))
 
         target = patchify(x, self.patch_size)
-        target_n, mean, std = normalise_patches(target) if self.norm_pix_loss else (target, 0.0, 1.0)
+        target_n, mean, std = normalise_patches(target, self.in_channels) if self.norm_pix_loss else (target, 0.0, 1.0)
         err = (pred - target_n).abs() if self.loss_kind == "l1" else (pred - target_n) ** 2
         weights = hidden.to(err.dtype)
         loss = (err.mean(-1) * weights).sum() / weights.sum()

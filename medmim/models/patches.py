@@ -8,7 +8,10 @@ reconstruction grids and the anomaly scorer: one argument order, one convention.
 * :func:`normalise_patches`: per-patch targets for ``norm_pix_loss``, ``(t - mean) / sqrt(var + 1e-6)``
   with the *unbiased* variance over each patch's values -- the convention of the reference
   implementations (facebookresearch/mae ``forward_loss`` and keyu-tian/SparK both call
-  ``Tensor.var`` with its default ``unbiased=True``).
+  ``Tensor.var`` with its default ``unbiased=True``). With ``channels=C > 1`` (multi-sequence
+  inputs) the statistics are taken per channel of each patch, never pooled over channels: a T1
+  value and an ADC value live on different scales, and pooling would let the brightest sequence set
+  every channel's target.
 """
 
 from __future__ import annotations
@@ -52,10 +55,21 @@ def upsample_mask(mask: torch.Tensor, factor: int) -> torch.Tensor:
     return mask
 
 
-def normalise_patches(target: torch.Tensor, eps: float = NORM_PIX_EPS
+def normalise_patches(target: torch.Tensor, channels: int = 1, eps: float = NORM_PIX_EPS
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(normalised, mean, std)`` over the last axis (one patch's values): ``std = sqrt(var + eps)``
-    with the unbiased variance (see the module docstring); ``normalised * std + mean == target``."""
-    mean = target.mean(-1, keepdim=True)
-    std = (target.var(-1, keepdim=True) + eps).sqrt()
-    return (target - mean) / std, mean, std
+    """``(normalised, mean, std)`` of patches ``(..., p**d * C)`` laid out as :func:`patchify` lays
+    them (channel last within a patch): ``std = sqrt(var + eps)`` with the unbiased variance (see the
+    module docstring), over each patch's values of one channel. ``normalised * std + mean == target``;
+    ``mean`` and ``std`` are ``(..., 1)`` for one channel and broadcast to ``target``'s shape for C."""
+    channels = int(channels)
+    if channels == 1:
+        mean = target.mean(-1, keepdim=True)
+        std = (target.var(-1, keepdim=True) + eps).sqrt()
+        return (target - mean) / std, mean, std
+    if target.shape[-1] % channels:
+        raise ValueError(f"patch length {target.shape[-1]} is not a multiple of {channels} channels")
+    per = target.reshape(*target.shape[:-1], target.shape[-1] // channels, channels)  # (..., p**d, C)
+    mean = per.mean(-2, keepdim=True)
+    std = (per.var(-2, keepdim=True) + eps).sqrt()
+    normed = ((per - mean) / std).reshape(target.shape)
+    return normed, mean.expand_as(per).reshape(target.shape), std.expand_as(per).reshape(target.shape)

@@ -11,7 +11,9 @@ chest radiographs and CT):
 * random resized crop, area 0.5-1.0 of the image, aspect ratio 3/4-4/3, resized back to the input
   size, with a small rotation (up to ±10°) in the same warp: one batched affine resample through
   MONAI's ``AffineTransform`` (2D and 3D; in 3D the rotation is in the first two axes);
-* intensity jitter: contrast (×0.8-1.2 about the image mean) and brightness (±0.1 image std);
+* intensity jitter: contrast (×0.8-1.2 about the image mean) and brightness (±0.1 image std), drawn
+  per channel (each sequence of a multi-channel image on its own); the geometry is shared by all
+  channels (they are one anatomy);
 * gaussian noise (p=0.5, σ up to 0.05 image std) and gaussian blur (p=0.3, σ 0.1-1.0 pixel, MONAI's
   ``GaussianFilter``).
 
@@ -161,8 +163,12 @@ class MedicalViews(nn.Module):
         mean = out.mean(dim=dims, keepdim=True)
         std = out.std(dim=dims, keepdim=True).clamp_min(1e-6)
         shape = (b,) + (1,) * (x.ndim - 1)
-        gain = self._uniform(b, 1 - self.contrast, 1 + self.contrast, generator).view(shape).to(x.device)
-        shift = self._uniform(b, -self.brightness, self.brightness, generator).view(shape).to(x.device)
+        # one contrast and brightness draw per channel: the sequences of a multi-channel image vary
+        # independently (with one channel these are the draws of a grayscale image)
+        per_channel = (b, x.shape[1]) + (1,) * (x.ndim - 2)
+        n = b * x.shape[1]
+        gain = self._uniform(n, 1 - self.contrast, 1 + self.contrast, generator).view(per_channel).to(x.device)
+        shift = self._uniform(n, -self.brightness, self.brightness, generator).view(per_channel).to(x.device)
         out = (out - mean) * gain + mean + shift * std
         # gaussian noise
         noisy = (torch.rand(b, generator=generator) < self.noise_prob).view(shape).to(x.device)

@@ -11,7 +11,7 @@
 4. A light UNet-style decoder upsamples from the coarsest scale (x2 per block, adding the densified
    map of each scale it reaches) to full resolution and predicts the image.
 5. Loss: mean squared error on the hidden cells only, against per-cell normalised pixels
-   (``norm_pix_loss``: each cell's target has zero mean and unit variance).
+   (``norm_pix_loss``: each cell's target has zero mean and unit variance, per channel).
 
 ``forward(x, mask=None)`` returns ``{"loss", "mask", "recon"}``; ``recon`` is the prediction in image
 space (un-normalised with each cell's own statistics) with the visible cells pasted back from ``x``.
@@ -86,7 +86,7 @@ class SparK(nn.Module):
             k = 1 if s == ratio else 3
             self.densify_projs.append(Conv[Conv.CONV, d](c, width_at[s], k, padding=k // 2))
         self.decoder = nn.ModuleList(_UpBlock(d, widths[i], widths[i + 1]) for i in range(n_up))
-        self.head = Conv[Conv.CONV, d](widths[-1], encoder.in_channels, 1)
+        self.head = Conv[Conv.CONV, d](widths[-1], encoder.in_channels, 1)  # one output per input channel
 
     def densify(self, feats: list[torch.Tensor], mask: torch.Tensor) -> dict[int, torch.Tensor]:
         """Per stride: visible sites normalised, hidden sites = mask token, then projected."""
@@ -123,7 +123,7 @@ class SparK(nn.Module):
         pred = self.decode(self.densify(feats, mask))
 
         target = patchify(x, p)
-        normed, mean, std = normalise_patches(target)
+        normed, mean, std = normalise_patches(target, x.shape[1])
         if self.norm_pix_loss:
             target = normed
         pred_patches = patchify(pred, p)

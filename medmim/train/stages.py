@@ -22,7 +22,7 @@ from medmim.errors import MedmimError
 from medmim.eval.model_card import write_model_card
 from medmim.eval.predictions import save_test_predictions
 from medmim.models import build_pretext, encoder_from_config
-from medmim.models.export import WEIGHTS_NAME, export_encoder
+from medmim.models.export import WEIGHTS_NAME, channel_metadata, export_encoder
 from medmim.eval.recon_grid import save_recon_grid
 from medmim.models.heads import Classifier, layer_decay_groups
 from medmim.models.pretrained import load_pretrained
@@ -35,7 +35,9 @@ from medmim.train.tasks import ClassificationTask, PretrainTask, class_counts
 
 
 def build_encoder_for(cfg: Config) -> torch.nn.Module:
-    return encoder_from_config(cfg.encoder, cfg.data.spatial_dims, cfg.data.image_size)
+    """The run's encoder: ``cfg.encoder`` on ``data.spatial_dims``, ``data.image_size`` and
+    ``data.in_channels`` (one per declared channel). Every stage, verb and pipeline builds it here."""
+    return encoder_from_config(cfg.encoder, cfg.data.spatial_dims, cfg.data.image_size, cfg.data.in_channels)
 
 
 def pretrain_stage(cfg: Config, data: DataBundle, run: RunDir, runtime: Runtime, *, resume: bool = True,
@@ -76,6 +78,7 @@ def pretrain_stage(cfg: Config, data: DataBundle, run: RunDir, runtime: Runtime,
         export_encoder(encoder, run.path, {
             "architecture": cfg.encoder.name, "encoder_config": cfg.encoder.model_dump(),
             "pretext": pc.method, "image_size": cfg.data.image_size, "data_fingerprint": data.fingerprint,
+            "channels": channel_metadata(cfg.data, data.preset),
             "data_source": data.source, "epochs": pc.epochs, "seed": cfg.run.seed})
         write_model_card(run.path, cfg, data, runtime=runtime, n_images=len(items))  # model_card.md beside it
     return weights
