@@ -47,10 +47,9 @@ def channel_metadata(data_cfg, preset: str | None) -> list[dict[str, Any]]:
     """The input channels of a run, in order, for export sidecars and model cards: ``{"name",
     "preset"}`` per channel (``data.channels``; its preset, else the run's ``preset``), or one
     grayscale ``image`` channel when none are declared."""
-    specs = list(getattr(data_cfg, "channels", None) or [])
-    if not specs:
-        return [{"name": "image", "preset": preset}]
-    return [{"name": c.name, "preset": c.preset or preset} for c in specs]
+    from medmim.data.presets import channel_presets
+
+    return [{"name": n, "preset": pr} for n, pr in zip(data_cfg.channel_names, channel_presets(data_cfg, preset))]
 
 
 def export_encoder(encoder: nn.Module, out_dir: str | Path, meta: dict[str, Any]) -> Path:
