@@ -69,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: finetune.init from the config)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted fine-tuning run")
     _add_init_args(p)
+    _add_fold_arg(p)
 
     p = sub.add_parser("evaluate", help="evaluate a fine-tuned run's best checkpoint on a split of its own data",
                        description="Reads the run's own config.yaml and recorded preset (never writes into the run) "
@@ -88,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "grid. Finished cells are never redone: rerun the same command to resume.")
     _add_config_args(p)
     _add_init_args(p)
+    _add_fold_arg(p)
 
     p = sub.add_parser("predict", help="run a fine-tuned model on image files or folders (CSV of probabilities "
                        "or segmentation masks)",
@@ -124,21 +126,29 @@ def _add_init_args(p: argparse.ArgumentParser) -> None:
                    "not in the file (finetune.init_allow_partial=true)")
 
 
+def _add_fold_arg(p: argparse.ArgumentParser) -> None:
+    """Cross-validation (docs/study.md): ``--fold i`` is ``finetune.fold=i``."""
+    p.add_argument("--fold", type=int, default=None, metavar="I", help="cross-validation fold used as the "
+                   "validation split, the other data.folds - 1 train (finetune.fold=I; a study runs only this fold)")
+
+
 def _cfg(args):
     from medmim.config import load_config
 
     extra = [f"finetune.init_{k}=true" for k in ("inflate", "allow_partial") if getattr(args, k, False)]
+    if getattr(args, "fold", None) is not None:
+        extra.append(f"finetune.fold={args.fold}")
     return load_config(args.config, [*args.overrides, *extra])
 
 
 def cmd_demo(args) -> int:
-    from pipelines.label_efficiency import format_table, run_study, summarize_rows
+    from pipelines.label_efficiency import format_table, run_study, summarize_study
     from medmim.eval.report import comparison
 
     cfg = _cfg(args)
     rows = run_study(cfg)  # its set-up joins torchrun's process group, reads the data rank 0 first
     metric = cfg.study.metric
-    summary = summarize_rows(rows, metric)
+    summary = summarize_study(rows, metric)
     print("\n" + format_table(summary, metric))
     for c in comparison(summary, metric):
         print(f"  {c['mode']} f{c['fraction']:g}: best pretrained ({c['best_init']}) {c['best_pretrained']:.3f} vs "
@@ -185,7 +195,13 @@ def cmd_pretrain(args) -> int:
 def cmd_finetune(args) -> int:
     from medmim.train.stages import finetune_stage
 
-    cfg, run, data, runtime = _stage_setup(args)
+    cfg = _cfg(args)
+    if cfg.data.folds and cfg.finetune.fold is None:
+        raise MedmimError(f"data.folds={cfg.data.folds}: choose the validation fold with --fold I (0..{cfg.data.folds - 1}), "
+                          "or run every fold with `medmim study`")
+    from medmim.train.setup import setup_run
+
+    run, data, runtime = setup_run(cfg)
     init = args.init or cfg.finetune.init
     if init in ("scratch", "none"):
         init_path = None
@@ -197,12 +213,16 @@ def cmd_finetune(args) -> int:
         init_path = Path(init)
         if not init_path.exists():
             raise MedmimError(f"{init_path}: weights file not found")
+    fold = "" if cfg.finetune.fold is None else f"-fold{cfg.finetune.fold}"  # one folder per fold, its own config
+    stage_dir = run.child(("segment" if cfg.finetune.head == "segment" else "finetune") + fold)
+    if fold:
+        stage_dir.save_config(cfg)
     if cfg.finetune.head == "segment":
         from medmim.train.segment import segment_stage
 
-        result = segment_stage(cfg, data, run.child("segment"), runtime, init=init_path, resume=args.resume)
+        result = segment_stage(cfg, data, stage_dir, runtime, init=init_path, resume=args.resume)
     else:
-        result = finetune_stage(cfg, data, run.child("finetune"), runtime, init=init_path, resume=args.resume)
+        result = finetune_stage(cfg, data, stage_dir, runtime, init=init_path, resume=args.resume)
     _report_skipped(data, run)
     print(json.dumps({k: v for k, v in result.items() if not isinstance(v, dict)}, indent=2))
     return 0

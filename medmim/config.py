@@ -290,6 +290,17 @@ class StudyConfig(Section):
     # fine-tune small fractions for at least this many optimizer steps (more epochs), so that a 1% cell
     # is not judged after a handful of updates; 0 = finetune.epochs for every fraction
     min_steps: int = Field(0, ge=0)
+    # cross-validation folds to run (data.folds = K): None = every fold, or only finetune.fold (--fold) when set
+    folds: Optional[list[int]] = None
+
+    @field_validator("folds")
+    @classmethod
+    def _folds_listed(cls, v: Optional[list[int]]) -> Optional[list[int]]:
+        if v is None:
+            return v
+        if not v or any(f < 0 for f in v):
+            raise ValueError(f"study.folds must list fold numbers >= 0 (or be null for every fold), got {v}")
+        return sorted(set(v))
 
     @field_validator("inits")
     @classmethod
@@ -366,6 +377,9 @@ class Config(Section):
         enc, size = self.encoder, self.data.image_size
         if self.finetune.fold is not None and not self.finetune.fold < self.data.folds:
             raise ValueError(f"finetune.fold={self.finetune.fold} needs data.folds > {self.finetune.fold} "
+                             f"(data.folds is {self.data.folds})")
+        if self.study.folds is not None and not max(self.study.folds) < self.data.folds:
+            raise ValueError(f"study.folds={self.study.folds} needs data.folds > {max(self.study.folds)} "
                              f"(data.folds is {self.data.folds})")
         if enc.name.startswith("vit") and size % enc.patch_size:
             raise ValueError(f"data.image_size={size} is not divisible by encoder.patch_size={enc.patch_size} "

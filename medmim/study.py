@@ -72,10 +72,12 @@ def load(run_dir: str | Path):
 
 
 def summary(df, metric: str | None = None):
-    """Mean ± std and the 95% CI of ``test_<metric>`` per init × mode × fraction, as a DataFrame."""
+    """Mean ± std and the 95% CI of ``test_<metric>`` per init × mode × fraction (over seeds and
+    cross-validation folds), with each pretrained init's paired difference to scratch and its
+    Wilcoxon signed-rank p-value over matched (fold, seed) cells, as a DataFrame."""
     import pandas as pd
 
-    from pipelines.label_efficiency import summarize_rows
+    from pipelines.label_efficiency import summarize_study
 
     metric = metric or df.attrs.get("metric", "auroc")
-    return pd.DataFrame(summarize_rows(df.to_dict("records"), metric))
+    return pd.DataFrame(summarize_study(df.to_dict("records"), metric))

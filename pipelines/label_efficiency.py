@@ -1,7 +1,11 @@
-"""Label-efficiency study: initialisations × label fractions × seeds × evaluation modes.
+"""Label-efficiency study: initialisations × label fractions × seeds × evaluation modes (× folds).
 
-Each initialisation in ``study.inits`` is pretrained once; every cell (init, mode, fraction, seed)
-fine-tunes from it and records ``result.json`` in its own folder. A killed study resumes where it
+Each initialisation in ``study.inits`` is pretrained once; every cell (init, mode, fraction, seed,
+and with ``data.folds = K`` the cross-validation fold) fine-tunes from it and records ``result.json``
+in its own folder. With folds, a cell's validation split is its fold and its training split the
+other K-1 folds; label fractions are drawn (nested, stratified) inside that training split; the test
+split is the same held-out set for every fold; pretraining sees every non-test image (label-free),
+as without folds it sees train+val. ``study.folds`` (or ``--fold``) runs some folds only. A killed study resumes where it
 stopped and never redoes a finished cell; a failed cell is recorded and the others go on (a rerun
 tries the failed cells again).
 
@@ -17,9 +21,12 @@ weights; it only slows a random network's lower layers) unless ``study.overrides
     runs/<name>/
       config.yaml  environment.json  data_card.json
       pretrain-<init>/   encoder.safetensors, encoder.json, recon/*.png, metrics.jsonl, checkpoints/
-      cells/<init>-<mode>-f<fraction>-s<seed>/   result.json (or error.txt), metrics.jsonl, checkpoints/
+      cells/<init>-<mode>-f<fraction>-s<seed>[-fold<k>]/   result.json (or error.txt), config.yaml,
+                                                        metrics.jsonl, checkpoints/
       results.csv / results.json   one row per cell (rewritten after every cell)
-      summary.csv / summary.json / summary.md   mean ± std and 95% CI per init × mode × fraction
+      summary.csv / summary.json / summary.md   mean ± std and 95% CI per init × mode × fraction over the
+                                   seeds (and folds), with each init's paired difference to scratch and
+                                   its Wilcoxon signed-rank p-value over matched (fold, seed) cells
       label_efficiency.png   metric vs number of labelled images (log x)
       report/index.html      static HTML report (see medmim.eval.report)
 """
@@ -38,7 +45,7 @@ from typing import Any, Callable
 import numpy as np
 
 from medmim.config import Config, with_overrides
-from medmim.data.dataset import DataBundle
+from medmim.data.dataset import DataBundle, select_fold
 from medmim.errors import ConfigError, MedmimError
 from medmim.eval.metrics import UNIT_INTERVAL_METRICS
 from medmim.io import write_csv, write_json, write_text
@@ -83,9 +90,20 @@ def parse_init(entry: str) -> Init:
     return Init(entry, method, enc or None, None)
 
 
-def cell_name(init: str | Init, mode: str, fraction: float, seed: int) -> str:
+def cell_name(init: str | Init, mode: str, fraction: float, seed: int, fold: int | None = None) -> str:
     key = (init if isinstance(init, Init) else parse_init(init)).key
-    return f"{key}-{mode}-f{fraction:g}-s{seed}"
+    return f"{key}-{mode}-f{fraction:g}-s{seed}" + ("" if fold is None else f"-fold{fold}")
+
+
+def study_folds(cfg: Config) -> list[int | None]:
+    """The cross-validation folds a study runs: ``[None]`` without ``data.folds``; else ``study.folds``,
+    or ``finetune.fold`` alone (``--fold``), or every fold."""
+    k = cfg.data.folds
+    if not k:
+        return [None]
+    if cfg.study.folds is not None:
+        return list(cfg.study.folds)
+    return [cfg.finetune.fold] if cfg.finetune.fold is not None else list(range(k))
 
 
 def init_config(cfg: Config, init: Init) -> Config:
@@ -185,13 +203,16 @@ def run_study(cfg: Config, *, resume: bool = True, log: Callable[[str], None] = 
         write_json(root.path / "data_card.json", data_card(cfg, data))
 
     # smallest fraction first, every init side by side: a cut-off study still compares inits
-    cells = [(init, mode, frac, seed) for frac in cfg.study.fractions for seed in cfg.study.seeds
-             for mode in cfg.study.modes for init in inits]
+    folds = study_folds(cfg)
+    cells = [(init, mode, frac, seed, fold) for frac in cfg.study.fractions for seed in cfg.study.seeds
+             for fold in folds for mode in cfg.study.modes for init in inits]
+    views = {f: data if f is None else select_fold(data, f, cfg) for f in folds}  # fold -> its train/val split
     metric = cfg.study.metric
     rows: list[dict[str, Any]] = []
     fancy = _fancy_default() if progress is None else progress
     with Progress(len(cells), log, fancy) as prog:
         prog.log(f"[study] data: {data.source}; " + ", ".join(f"{k} {len(v)}" for k, v in data.records.items())
+                 + (f"; {len(folds)} of {cfg.data.folds} cross-validation folds" if cfg.data.folds else "")
                  + f"; {len(inits)} init(s), {len(cells)} cells"
                  + (f"; pretraining pool {data.pool_info['images']} unlabelled + "
                     f"{data.pool_info['labelled_images']} labelled images" if data.pool_info else ""))
@@ -200,14 +221,14 @@ def run_study(cfg: Config, *, resume: bool = True, log: Callable[[str], None] = 
             prog.status(f"pretraining {init.entry}")
             init_weights[init.entry] = _init_weights(init_cfgs[init.entry], data, root, runtime, init, resume,
                                                      prog.log)
-        for init, mode, frac, seed in cells:
-            name = cell_name(init, mode, frac, seed)
+        for init, mode, frac, seed, fold in cells:
+            name = cell_name(init, mode, frac, seed, fold)
             prog.status(name)
             cell_dir = root.child(f"cells/{name}")
             cached = resume and (cell_dir.path / "result.json").exists()
             t0 = time.time()
-            row = run_cell(init_cfgs[init.entry], data, cell_dir, runtime, init, mode, frac, seed,
-                           init_weights.get(init.entry), resume)
+            row = run_cell(init_cfgs[init.entry], views[fold], cell_dir, runtime, init, mode, frac, seed,
+                           init_weights.get(init.entry), resume, fold=fold)
             rows.append(row)
             if root.writer:
                 write_results(rows, root.path, metric)  # a partial study always has its table
@@ -235,20 +256,28 @@ def run_study(cfg: Config, *, resume: bool = True, log: Callable[[str], None] = 
 
 
 def run_cell(cfg: Config, data: DataBundle, run: RunDir, runtime: Runtime, init: Init, mode: str, frac: float,
-             seed: int, weights: Path | None, resume: bool) -> dict[str, Any]:
-    """One cell; never raises: a failure becomes a row with ``status: failed`` and ``error.txt``."""
+             seed: int, weights: Path | None, resume: bool, fold: int | None = None) -> dict[str, Any]:
+    """One cell; never raises: a failure becomes a row with ``status: failed`` and ``error.txt``.
+    ``data``: the bundle of the cell's fold (``select_fold``) when ``fold`` is given."""
+    from medmim.data.labels import fill_inferred
+
     name = run.path.name
     row: dict[str, Any] = {"cell": name, "init": init.key, "mode": mode, "fraction": frac, "seed": seed}
+    if fold is not None:
+        row["fold"] = fold
     try:
         if init.method == "weights" and weights is None:
             raise MedmimError(f"{init.entry}: weights file not found")
         if init.pretrains and weights is None:
             raise MedmimError(f"pretraining for '{init.entry}' failed; see pretrain-{init.key}/error.txt")
+        extra = [] if fold is None else [f"finetune.fold={fold}"]
         cell_cfg = with_overrides(cfg, [f"finetune.label_fraction={frac}", f"finetune.mode={mode}",
-                                        f"finetune.epochs={cell_epochs(cfg, data, frac, seed)}"])
+                                        f"finetune.epochs={cell_epochs(cfg, data, frac, seed)}", *extra])
         sections = ("data", "encoder", "finetune") if init.method == "scratch" else \
             ("data", "encoder", "pretrain", "finetune")
         check_stage(run, stage_fingerprint(cell_cfg, sections) + f"-s{seed}")
+        fill_inferred(cell_cfg, data)
+        run.save_config(cell_cfg)  # evaluate / predict on this cell replay its own split (fold) and head
         result = finetune_stage(cell_cfg, data, run, runtime, init=weights, resume=resume, seed=seed,
                                 log=lambda m: None)
         row.update(status="ok", **{k: v for k, v in result.items() if k not in row})
@@ -333,7 +362,22 @@ def data_card(cfg: Config, data: DataBundle) -> dict[str, Any]:
     card = build_card(records, name=cfg.run.name, source=data.source, modality=cfg.data.modality,
                       skipped=data.skipped, pool=data.pool_info or None)
     card["preset"] = data.preset
+    if data.folds:
+        card["cross_validation"] = fold_counts(data)
     return card
+
+
+def fold_counts(data: DataBundle) -> dict[str, Any]:
+    """Images, patients and images per class in each cross-validation fold (counts only)."""
+    from collections import Counter
+
+    per = []
+    for k in range(data.folds):
+        rs = [r for r in data.fold_records if r.get("fold") == k]
+        classes = Counter(str(r.get("label")) for r in rs if r.get("label") not in (None, ""))
+        per.append({"fold": k, "images": len(rs), "patients": len({str(r["patient_id"]) for r in rs}),
+                    "classes": dict(sorted(classes.items()))})
+    return {"folds": data.folds, "per_fold": per, "test_images": len(data.split("test"))}
 
 
 # ---- results ---------------------------------------------------------------------------------------
@@ -342,15 +386,19 @@ def _finite(v) -> bool:
 
 
 def summarize_rows(rows: list[dict], metric: str, bounded: bool | None = None) -> list[dict]:
-    """Mean ± std (and a t-based 95% CI over seeds, clipped to [0, 1] for metrics bounded there:
-    ``bounded``, by default those in UNIT_INTERVAL_METRICS) of the test metric per init × mode × fraction."""
+    """Mean ± std (and a t-based 95% CI over the cells, clipped to [0, 1] for metrics bounded there:
+    ``bounded``, by default those in UNIT_INTERVAL_METRICS) of the test metric per init × mode ×
+    fraction, over its seeds and cross-validation folds. ``n_cells``: the values summarised;
+    ``n_seeds`` / ``n_folds``: how many distinct seeds / folds they come from (``n_folds`` 0 without folds)."""
+    from medmim.eval.report import fold_of
+
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["init"], r["mode"], r["fraction"]), []).append(r)
     out = []
     for (init, mode, frac), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2])):
-        vals = np.array([float(r[f"test_{metric}"]) for r in rs if r.get("status") == "ok"
-                         and _finite(r.get(f"test_{metric}"))])
+        ok = [r for r in rs if r.get("status") == "ok" and _finite(r.get(f"test_{metric}"))]
+        vals = np.array([float(r[f"test_{metric}"]) for r in ok])
         n = len(vals)
         mean = float(vals.mean()) if n else float("nan")
         std = float(vals.std(ddof=1)) if n > 1 else 0.0 if n else float("nan")
@@ -361,11 +409,22 @@ def summarize_rows(rows: list[dict], metric: str, bounded: bool | None = None) -
             lo, hi = max(lo, 0.0), min(hi, 1.0)
         labelled = [r.get("n_labelled") for r in rs if r.get("n_labelled")]
         out.append({"init": init, "mode": mode, "fraction": frac,
-                    "n_labelled": int(np.median(labelled)) if labelled else None, "n_seeds": n,
+                    "n_labelled": int(np.median(labelled)) if labelled else None, "n_cells": n,
+                    "n_seeds": len({r.get("seed") for r in ok}),
+                    "n_folds": len({f for r in ok if (f := fold_of(r)) is not None}),
                     f"{metric}_mean": mean, f"{metric}_std": std,
                     "ci95_low": lo, "ci95_high": hi,
                     "failed": sum(r.get("status") != "ok" for r in rs)})
     return out
+
+
+def summarize_study(rows: list[dict], metric: str) -> list[dict]:
+    """``summarize_rows`` plus, on every pretrained init's row, its paired comparison with scratch
+    over matched (fold, seed) cells (``medmim.eval.report.add_paired``): what summary.* and the
+    printed table show."""
+    from medmim.eval.report import add_paired
+
+    return add_paired(summarize_rows(rows, metric), rows, metric)
 
 
 def _t95(n: int) -> float:
@@ -375,16 +434,32 @@ def _t95(n: int) -> float:
 
 
 def format_table(summary: list[dict], metric: str) -> str:
-    lines = [f"| init | mode | fraction | labelled | {metric} (mean ± std) | 95% CI | seeds |",
-             "|---|---|---|---|---|---|---|"]
+    """The summary as a markdown table; the paired comparison with scratch (``add_paired``) beside
+    each pretrained init: mean difference over matched cells and the Wilcoxon signed-rank p-value."""
+    folds = any(s.get("n_folds") for s in summary)
+    n_head = "cells (folds × seeds)" if folds else "seeds"
+    lines = [f"| init | mode | fraction | labelled | {metric} (mean ± std) | 95% CI | {n_head} | Δ vs scratch (Wilcoxon p) |",
+             "|---|---|---|---|---|---|---|---|"]
     for s in summary:
         m, sd = s[f"{metric}_mean"], s[f"{metric}_std"]
-        # one seed has no spread: its value alone, never "± 0.000"
-        val = "failed" if not math.isfinite(m) else f"{m:.3f} ± {sd:.3f}" if s["n_seeds"] > 1 else f"{m:.3f} (n=1)"
+        n = s.get("n_cells", s.get("n_seeds", 0))
+        # one value has no spread: its value alone, never "± 0.000"
+        val = "failed" if not math.isfinite(m) else f"{m:.3f} ± {sd:.3f}" if n > 1 else f"{m:.3f} (n=1)"
         ci = f"{s['ci95_low']:.3f}–{s['ci95_high']:.3f}" if _finite(s["ci95_low"]) else "–"
-        seeds = f"{s['n_seeds']}" + (f" ({s['failed']} failed)" if s.get("failed") else "")
-        lines.append(f"| {s['init']} | {s['mode']} | {s['fraction']:g} | {s['n_labelled']} | {val} | {ci} | {seeds} |")
+        count = f"{n} ({s['n_folds']} × {s['n_seeds']})" if folds else f"{n}"
+        count += f" ({s['failed']} failed)" if s.get("failed") else ""
+        lines.append(f"| {s['init']} | {s['mode']} | {s['fraction']:g} | {s['n_labelled']} | {val} | {ci} | {count} "
+                     f"| {_paired_text(s)} |")
     return "\n".join(lines)
+
+
+def _paired_text(s: dict) -> str:
+    """``+0.031 (p = 0.031, n=6)`` for a pretrained row with matched scratch cells, else ``–``."""
+    if not s.get("vs_scratch") or not _finite(s.get("delta_vs_scratch")):
+        return "–"
+    from medmim.eval.report import p_text
+
+    return f"{s['delta_vs_scratch']:+.3f} ({p_text(s['p_wilcoxon'], s['n_pairs'])})"
 
 
 def _json_safe(obj):
@@ -399,7 +474,7 @@ def _json_safe(obj):
 
 def write_results(rows: list[dict], out_dir: Path, metric: str) -> list[dict]:
     """results.csv/.json (one row per cell), summary.csv/.json/.md; returns the summary."""
-    summary = summarize_rows(rows, metric)
+    summary = summarize_study(rows, metric)
     write_csv(out_dir / "results.csv", rows)
     write_csv(out_dir / "summary.csv", summary)
     write_text(out_dir / "results.json", json.dumps(_json_safe(rows), indent=1, default=str) + "\n")

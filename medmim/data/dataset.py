@@ -37,8 +37,8 @@ from medmim.data.presets import (DEFAULT_FOR_MODALITY, channel_presets, crop_tra
                                   preset_transforms)
 from medmim.data.readers import read_channels, read_image
 from medmim.data.labels import check_labels
-from medmim.data.splits import (apply_split_file, check_leakage, handle_duplicates, load_split_file, patient_split,
-                                save_split_file)
+from medmim.data.splits import (apply_fold, apply_split_file, assign_folds, check_leakage, handle_duplicates,
+                                load_fold_file, load_split_file, patient_split, save_split_file)
 from medmim.errors import DataError
 from medmim.io import TEXT_ENCODING, atomic_path
 from medmim.progress import ProgressBar
@@ -70,6 +70,10 @@ class DataBundle:
     pretrain_on_labelled: bool = True
     duplicates: list[dict] = field(default_factory=list)  # dropped as byte-identical to another split's image
     class_names: list[str] | None = None  # data.class_names, given or read from the manifest (medmim.data.labels)
+    # cross-validation (data.folds = K): every non-test record with its ``fold``; ``fold``: the one selected
+    folds: int = 0
+    fold_records: list[dict] = field(default_factory=list)
+    fold: int | None = None
 
     def split(self, name: str) -> list[dict]:
         return self.records.get(name, [])
@@ -122,49 +126,89 @@ def _source_records(cfg: DataConfig, skipped: list[dict] | None = None) -> tuple
 
 
 def assign_splits(records: list[dict], dc: DataConfig, seed: int) -> None:
-    """Splits from the source, then the split file (if any), then new patient-level splits; the
-    split file is (re)written when it was missing or gained patients."""
+    """Splits from the source, then the split file (if any), then new patient-level splits; with
+    ``data.folds``, the fold of every non-test patient (from the split file, new patients placed by
+    ``assign_folds``). The split file is (re)written when it was missing or gained patients or folds."""
     mapping: dict[str, str] = {}
-    if dc.split_file and Path(dc.split_file).exists():
-        mapping = load_split_file(dc.split_file)
-        apply_split_file(records, mapping, where=str(dc.split_file))
+    k_known, folds_known = 0, {}
+    path = Path(dc.split_file) if dc.split_file else None
+    if path is not None and path.exists():
+        mapping = load_split_file(path)
+        k_known, folds_known = load_fold_file(path)
+        apply_split_file(records, mapping, where=str(path))
     patient_split(records, dc.val_fraction, dc.test_fraction, seed=seed)
-    if dc.split_file:
+    folds: dict[str, int] = {}
+    if dc.folds:
+        if folds_known and k_known != dc.folds:
+            raise DataError(f"{path}: holds {k_known} cross-validation folds but data.folds is {dc.folds}; folds are "
+                            "written once: use another data.split_file for a different K")
+        folds = assign_folds([r for r in records if r["split"] != "test"], dc.folds, seed, known=folds_known)
+    if path is not None:
         new = {str(r["patient_id"]) for r in records} - set(mapping)
-        if new or not Path(dc.split_file).exists():
-            save_split_file(records + [{"patient_id": p, "split": s} for p, s in mapping.items()],
-                            dc.split_file, seed=seed, val_fraction=dc.val_fraction,
-                            test_fraction=dc.test_fraction)
+        if new or not path.exists() or set(folds) - set(folds_known):
+            save_split_file(records + [{"patient_id": p, "split": s} for p, s in mapping.items()], path,
+                            folds={**folds_known, **folds}, n_folds=dc.folds or k_known, seed=seed,
+                            val_fraction=dc.val_fraction, test_fraction=dc.test_fraction)
+
+
+def _by_split(records: list[dict], cfg: Config) -> dict[str, list[dict]]:
+    """Records per split; ``data.max_train_images`` caps the train split (seeded)."""
+    by_split: dict[str, list[dict]] = {"train": [], "val": [], "test": []}
+    for r in records:
+        by_split.setdefault(r["split"], []).append(r)
+    cap = cfg.data.max_train_images
+    if cap and len(by_split["train"]) > cap:
+        rng = np.random.default_rng(cfg.run.seed)
+        keep = sorted(rng.choice(len(by_split["train"]), cap, replace=False))
+        by_split["train"] = [by_split["train"][i] for i in keep]
+    return by_split
+
+
+def select_fold(bundle: DataBundle, fold: int, cfg: Config) -> DataBundle:
+    """The bundle of cross-validation split ``fold``: that fold's patients are the val split, the
+    other folds' the train split, test unchanged. The records are copies: views of different folds
+    never share a record, and the unlabelled pool is the same object in all of them."""
+    import dataclasses
+
+    if not bundle.folds:
+        raise DataError("no cross-validation folds in this data (set data.folds = K >= 2)")
+    if not 0 <= fold < bundle.folds:
+        raise DataError(f"fold {fold} does not exist: data.folds is {bundle.folds} (folds 0..{bundle.folds - 1})")
+    records = [dict(r) for r in bundle.fold_records]
+    apply_fold(records, fold)
+    by_split = _by_split(records + bundle.split("test"), cfg)
+    if not by_split["train"]:
+        raise DataError(f"{bundle.source}: fold {fold} leaves no training images")
+    return dataclasses.replace(bundle, records=by_split, fold=fold)
 
 
 def prepare_data(cfg: Config) -> DataBundle:
-    """Read the source, split it by patient (where it has no split), check for leakage."""
+    """Read the source, split it by patient (where it has no split), check for leakage; with
+    ``data.folds`` and ``finetune.fold``, the split of that fold (:func:`select_fold`)."""
     dc = cfg.data
     skipped: list[dict] = []  # manifest rows missing a channel's file (data.channels)
     records, default_preset, source = _source_records(dc, skipped)
     assign_splits(records, dc, cfg.run.seed)
     check_leakage(records)
-    records, duplicates = handle_duplicates(records, dc.duplicates)  # byte-identical images across splits
+    # byte-identical images across splits (and, for cross-validation, across folds)
+    records, duplicates = handle_duplicates(records, dc.duplicates, by_fold=bool(dc.folds))
     check_labels(records, cfg)  # one-line errors; fills data.num_classes / class_names when empty
-    by_split: dict[str, list[dict]] = {"train": [], "val": [], "test": []}
-    for r in records:
-        by_split.setdefault(r["split"], []).append(r)
-    if dc.max_train_images and len(by_split["train"]) > dc.max_train_images:
-        rng = np.random.default_rng(cfg.run.seed)
-        keep = sorted(rng.choice(len(by_split["train"]), dc.max_train_images, replace=False))
-        by_split["train"] = [by_split["train"][i] for i in keep]
+    by_split = _by_split(records, cfg)
     if not by_split["train"]:
         raise DataError(f"{source}: no training images")
     bundle = DataBundle(records=by_split, spatial_dims=dc.spatial_dims, preset=dc.preset or default_preset,
                         fingerprint=mf.records_fingerprint(records), source=source,
                         num_classes=dc.num_classes, pretrain_on_labelled=dc.pretrain_on_labelled,
-                        duplicates=duplicates, class_names=dc.class_names, skipped=skipped)
+                        duplicates=duplicates, class_names=dc.class_names, skipped=skipped, folds=dc.folds,
+                        fold_records=[r for r in records if r["split"] != "test"] if dc.folds else [])
     for s in skipped:
         log.warning("skipping %s: %s", s["file"], s["reason"])
     if dc.unlabelled or (dc.source == "phantoms" and dc.phantoms.pool_patients):
         from medmim.data.pool import attach_pool
 
         attach_pool(bundle, cfg)
+    if dc.folds and cfg.finetune.fold is not None:
+        bundle = select_fold(bundle, cfg.finetune.fold, cfg)
     return bundle
 
 

@@ -1,8 +1,12 @@
-"""Patient-level splits, a reusable split file, a leakage check, and nested stratified label fractions.
+"""Patient-level splits, cross-validation folds, a reusable split file, a leakage check, and nested
+stratified label fractions.
 
 Everything is fixed by seed. Splits group all images of a patient together and stratify by the
-patient's (majority) label. A split file (JSON: patient id -> split) makes a split permanent: it is
-written on first use and reused afterwards, so adding images never moves a patient.
+patient's (majority) label. Folds (``data.folds = K``) divide the non-test patients into K groups,
+stratified by the images' labels the way scikit-learn's ``StratifiedGroupKFold`` does. A split file
+(JSON: patient id -> split, and patient id -> fold) makes both permanent: it is written on first use
+and reused afterwards, so adding images never moves a patient, and new patients join the folds
+that keep the class balance best.
 """
 
 from __future__ import annotations
@@ -84,6 +88,70 @@ def patient_split(records: list[dict], val_fraction: float, test_fraction: float
                 r["split"] = split
 
 
+def assign_folds(records: list[dict], n_folds: int, seed: int, known: dict[str, int] | None = None) -> dict[str, int]:
+    """Give every record a ``fold`` (0..K-1), grouped by patient and stratified by the images' labels;
+    return ``{patient_id: fold}`` for the patients of ``records``.
+
+    Patients in ``known`` keep their fold. The others are placed one by one as scikit-learn's
+    ``StratifiedGroupKFold`` places groups (seeded shuffle, then the patients whose class counts
+    vary most first; each goes to the fold that makes the per-class shares of the folds most even,
+    ties to the fold with fewest images), starting from the class counts the known patients already
+    give each fold. So a first assignment is a stratified group K-fold, and patients added later
+    join the folds where they keep the balance best without moving anyone.
+    """
+    known = known or {}
+    patients = _patients(records)
+    if len(patients) < n_folds:
+        raise DataError(f"data.folds={n_folds} needs at least {n_folds} patients outside the test split; "
+                        f"there are {len(patients)}")
+    classes = sorted({_strat_key(r.get("label")) for r in records})
+    col = {c: i for i, c in enumerate(classes)}
+    counts = {pid: np.bincount([col[_strat_key(r.get("label"))] for r in rows], minlength=len(classes)).astype(float)
+              for pid, rows in patients.items()}
+    total = np.sum(list(counts.values()), axis=0)
+    per_fold = np.zeros((n_folds, len(classes)))
+    fold_of: dict[str, int] = {}
+    for pid in patients:
+        if pid in known:
+            fold_of[pid] = int(known[pid])
+            per_fold[fold_of[pid]] += counts[pid]
+    new = sorted(p for p in patients if p not in known)
+    new = [new[i] for i in np.random.default_rng(seed).permutation(len(new))]
+    order = np.argsort([-np.std(counts[p]) for p in new], kind="mergesort")  # stable: shuffled order on ties
+    for i in order:
+        pid = new[i]
+        best, best_eval, best_size = 0, np.inf, np.inf
+        for f in range(n_folds):
+            per_fold[f] += counts[pid]
+            evenness = float(np.mean(np.std(per_fold / total, axis=0)))
+            per_fold[f] -= counts[pid]
+            size = float(per_fold[f].sum())
+            if evenness < best_eval and not np.isclose(evenness, best_eval) or \
+                    (np.isclose(evenness, best_eval) and size < best_size):
+                best, best_eval, best_size = f, evenness, size
+        fold_of[pid] = best
+        per_fold[best] += counts[pid]
+    empty = [f for f in range(n_folds) if not per_fold[f].sum()]
+    if empty:
+        raise DataError(f"data.folds={n_folds}: fold {empty[0]} holds no patient ({len(patients)} patients outside "
+                        "the test split); use fewer folds")
+    for pid, rows in patients.items():
+        for r in rows:
+            r["fold"] = fold_of[pid]
+    return fold_of
+
+
+def apply_fold(records: list[dict], fold: int) -> None:
+    """Cross-validation split ``fold``: the records of that fold become the val split, the other
+    non-test records train; test stays test. Records need their ``fold`` (:func:`assign_folds`)."""
+    for r in records:
+        if r.get("split") == "test":
+            continue
+        if r.get("fold") is None:
+            raise DataError(f"record of patient '{r.get('patient_id')}' has no fold (assign_folds first)")
+        r["split"] = "val" if r["fold"] == fold else "train"
+
+
 def _labelled(record: dict) -> bool:
     """A row that can be evaluated (a label or a mask). Named splits of rows without either -- e.g. a
     Decathlon dataset's imagesTs, whose labels are withheld -- do not fix the source's test set."""
@@ -94,6 +162,7 @@ def _labelled(record: dict) -> bool:
 def check_leakage(records: list[dict]) -> None:
     """Fail loudly when one patient (or one image file) appears in two splits."""
     splits_of: dict[str, set[str]] = defaultdict(set)
+    folds_of: dict[str, set] = defaultdict(set)
     files_of: dict[str, set[str]] = defaultdict(set)
     for r in records:
         pid = str(r.get("patient_id", "") or "")
@@ -102,6 +171,8 @@ def check_leakage(records: list[dict]) -> None:
                             "splits by patient need one")
         split = r.get("split", "") or ""
         splits_of[pid].add(split)
+        if r.get("fold") is not None:
+            folds_of[pid].add(r["fold"])
         img = r.get("image")
         if isinstance(img, (str, Path)):
             files_of[f"{img}|{r.get('series_id') or ''}|{r.get('frame') if r.get('frame') is not None else ''}"].add(split)
@@ -110,32 +181,63 @@ def check_leakage(records: list[dict]) -> None:
         first = leaking[0]
         raise DataError(f"patient-level leakage: {len(leaking)} patient(s) appear in more than one split "
                         f"(e.g. patient '{first}' in {', '.join(sorted(splits_of[first]))})")
+    two_folds = sorted(p for p, f in folds_of.items() if len(f) > 1)
+    if two_folds:
+        raise DataError(f"fold leakage: {len(two_folds)} patient(s) appear in more than one cross-validation fold "
+                        f"(e.g. patient '{two_folds[0]}' in folds {sorted(folds_of[two_folds[0]])})")
     dup = sorted(f for f, s in files_of.items() if len(s) > 1)
     if dup:
         raise DataError(f"leakage: {len(dup)} image file(s) appear in more than one split "
                         f"(e.g. {dup[0].split('|')[0]})")
 
 
-def save_split_file(records: list[dict], path: str | Path, **info) -> Path:
-    """Write ``{"patients": {patient_id: split}, ...info}`` atomically."""
+def save_split_file(records: list[dict], path: str | Path, folds: dict[str, int] | None = None,
+                    n_folds: int = 0, **info) -> Path:
+    """Write ``{"patients": {patient_id: split}, "folds": {patient_id: fold}, "n_folds": K, ...info}``
+    atomically (the fold entries only when ``folds`` is given)."""
     mapping = {}
     for r in records:
         mapping[str(r["patient_id"])] = r["split"]
-    write_json(path, {"patients": dict(sorted(mapping.items())), **info})
+    doc: dict[str, Any] = {"patients": dict(sorted(mapping.items()))}
+    if folds:
+        doc.update(n_folds=int(n_folds), folds={p: int(f) for p, f in sorted(folds.items())})
+    write_json(path, {**doc, **info})
     return Path(path)
+
+
+def _read_split_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+        if not isinstance(data["patients"], dict):
+            raise TypeError
+        return data
+    except (OSError, ValueError, KeyError, TypeError):
+        raise DataError(f"{path}: not a medmim split file (expected JSON with a 'patients' mapping)") from None
 
 
 def load_split_file(path: str | Path) -> dict[str, str]:
     path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-        mapping = data["patients"]
-    except (OSError, ValueError, KeyError, TypeError):
-        raise DataError(f"{path}: not a medmim split file (expected JSON with a 'patients' mapping)") from None
+    mapping = _read_split_json(path)["patients"]
     bad = sorted({s for s in mapping.values() if s not in SPLIT_NAMES})
     if bad:
         raise DataError(f"{path}: unknown split name(s) {bad}; allowed: {', '.join(SPLIT_NAMES)}")
     return {str(k): v for k, v in mapping.items()}
+
+
+def load_fold_file(path: str | Path) -> tuple[int, dict[str, int]]:
+    """``(K, {patient_id: fold})`` recorded in a split file; ``(0, {})`` when it holds no folds."""
+    path = Path(path)
+    data = _read_split_json(path)
+    folds = data.get("folds") or {}
+    k = data.get("n_folds") or 0
+    if not folds:
+        return 0, {}
+    if not isinstance(folds, dict) or not isinstance(k, int) or k < 2:
+        raise DataError(f"{path}: 'folds' must map patient ids to fold numbers and 'n_folds' be >= 2")
+    bad = sorted(str(p) for p, f in folds.items() if not isinstance(f, int) or isinstance(f, bool) or not 0 <= f < k)
+    if bad:
+        raise DataError(f"{path}: patient '{bad[0]}' has fold {folds[bad[0]]!r}; folds are 0..{k - 1} (n_folds={k})")
+    return k, {str(p): f for p, f in folds.items()}
 
 
 def apply_split_file(records: list[dict], mapping: dict[str, str], where: str = "split file") -> int:
@@ -251,9 +353,19 @@ def content_hash(record: dict) -> str:
     return h.hexdigest()
 
 
-def cross_split_duplicates(records: list[dict]) -> list[list[dict]]:
+def _group_of(record: dict, by_fold: bool) -> tuple[int, str]:
+    """(order, name) of the part of the data a record is in: its split, or with ``by_fold`` its
+    cross-validation fold (test stays test, after every fold)."""
+    if by_fold and record.get("split") != "test" and record.get("fold") is not None:
+        return (0, int(record["fold"])), f"fold {record['fold']}"
+    split = record["split"]
+    return (SPLIT_ORDER.get(split, 3), 0), split
+
+
+def cross_split_duplicates(records: list[dict], by_fold: bool = False) -> list[list[dict]]:
     """Groups of byte-identical images that span two or more splits (each group sorted train, val,
-    test). Only images whose size (or array shape) occurs in more than one split are hashed."""
+    test); with ``by_fold``, two or more cross-validation folds or a fold and test (sorted fold 0, 1,
+    ..., test). Only images whose size (or array shape) occurs in more than one of them are hashed."""
     by_size: dict[Any, list[dict]] = defaultdict(list)
     for r in records:
         if not r.get("split") or r.get("frame") not in (None, ""):
@@ -266,7 +378,7 @@ def cross_split_duplicates(records: list[dict]) -> list[list[dict]]:
             by_size[key].append(r)
     groups: list[list[dict]] = []
     for same_size in by_size.values():
-        if len({r["split"] for r in same_size}) < 2:
+        if len({_group_of(r, by_fold)[1] for r in same_size}) < 2:
             continue
         by_hash: dict[str, list[dict]] = defaultdict(list)
         for r in same_size:
@@ -275,8 +387,8 @@ def cross_split_duplicates(records: list[dict]) -> list[list[dict]]:
             except (OSError, DataError):
                 continue
         for group in by_hash.values():
-            if len({r["split"] for r in group}) > 1:
-                groups.append(sorted(group, key=lambda r: SPLIT_ORDER.get(r["split"], 3)))
+            if len({_group_of(r, by_fold)[1] for r in group}) > 1:
+                groups.append(sorted(group, key=lambda r: _group_of(r, by_fold)[0]))
     return groups
 
 
@@ -287,36 +399,39 @@ def _name(record: dict) -> str:
     return str(ref) if isinstance(ref, (str, Path)) else "<array>"
 
 
-def handle_duplicates(records: list[dict], mode: str) -> tuple[list[dict], list[dict]]:
+def handle_duplicates(records: list[dict], mode: str, by_fold: bool = False) -> tuple[list[dict], list[dict]]:
     """Apply ``data.duplicates`` to byte-identical images in two splits; return (records kept, dropped).
 
     ``drop``: keep the copies in the earliest split (train < val < test), drop the others, so that no
     evaluation image was seen in training; ``error``: refuse (one line naming a pair); ``ignore``:
     nothing is hashed; ``auto``: drop when the images are files, only report for in-memory arrays
-    (MedMNIST npz sources keep their official splits). ``dropped`` lists ``{"file", "reason"}``."""
+    (MedMNIST npz sources keep their official splits). ``dropped`` lists ``{"file", "reason"}``.
+    ``by_fold`` (cross-validation): copies in two folds count too; the later fold's are dropped."""
     if mode == "ignore" or not records:
         return records, []
-    groups = cross_split_duplicates(records)
+    groups = cross_split_duplicates(records, by_fold)
     if not groups:
         return records, []
     first = groups[0]
-    example = f"{_name(first[0])} ({first[0]['split']}) = {_name(first[-1])} ({first[-1]['split']})"
+    part = lambda r: _group_of(r, by_fold)[1]  # noqa: E731
+    parts = "folds or splits" if by_fold else "splits"
+    example = f"{_name(first[0])} ({part(first[0])}) = {_name(first[-1])} ({part(first[-1])})"
     if mode == "error":
-        raise DataError(f"{len(groups)} group(s) of byte-identical images span two splits, e.g. {example}; "
+        raise DataError(f"{len(groups)} group(s) of byte-identical images span two {parts}, e.g. {example}; "
                         "set data.duplicates=drop to drop the later copies, or remove them")
     in_memory = all(isinstance(r.get("image"), np.ndarray) for g in groups for r in g)
     if mode == "auto" and in_memory:
-        log.warning("%d group(s) of byte-identical images span two splits (e.g. %s); kept, as data.duplicates="
+        log.warning("%d group(s) of byte-identical images span two %s (e.g. %s); kept, as data.duplicates="
                     "auto keeps in-memory (npz) splits as published; data.duplicates=drop drops them",
-                    len(groups), example)
+                    len(groups), parts, example)
         return records, []
     drop: dict[int, dict] = {}
     for g in groups:
-        keep_split = g[0]["split"]
+        keep = part(g[0])
         for r in g:
-            if r["split"] != keep_split:
-                drop[id(r)] = {"file": _name(r), "reason": f"byte-identical to {_name(g[0])} ({keep_split}); "
-                               f"dropped from {r['split']}", "split": r["split"]}
+            if part(r) != keep:
+                drop[id(r)] = {"file": _name(r), "reason": f"byte-identical to {_name(g[0])} ({keep}); "
+                               f"dropped from {part(r)}", "split": r["split"]}
     kept = [r for r in records if id(r) not in drop]
     dropped = list(drop.values())
     counts = Counter(d["split"] for d in dropped)

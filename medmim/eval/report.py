@@ -6,7 +6,7 @@ It reads only what the study wrote (summary.json, results.json, label_efficiency
 pretrain-*/recon/*.png, pretrain-*/metrics.jsonl, cells/*/metrics.jsonl, cells/*/predictions_test.csv,
 data_card.json, config.yaml, environment.json, and an anomaly run's scores_*/metrics.json), so it can
 be re-rendered at any time. From those it adds: paired tests of each init against scratch (Wilcoxon
-signed-rank over matched seeds), per-class metrics with 95% CIs, ROC / precision-recall curves and
+signed-rank over matched (fold, seed) cells), per-class metrics with 95% CIs, ROC / precision-recall curves and
 confusion matrices per init at each fraction, train/val learning curves per cell, and flags for
 degenerate classifiers (one class predicted for every image; best checkpoint at epoch 0). Images are copied next to the page. Patient identifiers
 never appear: the data card holds counts only, and keys that name identifying fields are dropped
@@ -112,23 +112,32 @@ def wilcoxon_p(diffs) -> float:
     return float(wilcoxon(d, alternative="two-sided").pvalue)
 
 
-def _by_seed(rows: list[dict], init: str, mode: str, frac: float, metric: str) -> dict:
-    return {r["seed"]: float(r[f"test_{metric}"]) for r in rows
+def fold_of(row: dict) -> int | None:
+    """A result row's cross-validation fold, None without one (also a pandas NaN)."""
+    f = row.get("fold")
+    return None if f is None or (isinstance(f, float) and math.isnan(f)) else int(f)
+
+
+def _by_pair(rows: list[dict], init: str, mode: str, frac: float, metric: str) -> dict:
+    """(fold, seed) -> test value of ``init``'s finished cells (fold None without cross-validation)."""
+    return {(fold_of(r), int(r["seed"])): float(r[f"test_{metric}"]) for r in rows
             if r.get("init") == init and r.get("mode") == mode and r.get("fraction") == frac
             and r.get("status") == "ok" and _finite(r.get(f"test_{metric}"))}
 
 
 def paired_test(rows: list[dict], init: str, scratch: str, mode: str, frac: float, metric: str) -> dict:
-    """``init`` against ``scratch`` on the cells with the same seed (matched pairs): the mean
-    difference and, with at least :data:`MIN_PAIRS` pairs, the Wilcoxon signed-rank p-value."""
-    a = _by_seed(rows, init, mode, frac, metric)
-    b = _by_seed(rows, scratch, mode, frac, metric)
-    seeds = sorted(set(a) & set(b))
-    diffs = [a[s] - b[s] for s in seeds]
-    out = {"init": init, "scratch": scratch, "mode": mode, "fraction": frac, "n_pairs": len(seeds),
+    """``init`` against ``scratch`` on the cells with the same fold and seed (matched pairs: the same
+    training patients, label subset and fine-tuning randomness): the mean difference and, with at
+    least :data:`MIN_PAIRS` pairs, the Wilcoxon signed-rank p-value."""
+    a = _by_pair(rows, init, mode, frac, metric)
+    b = _by_pair(rows, scratch, mode, frac, metric)
+    pairs = sorted(set(a) & set(b), key=lambda k: (-1 if k[0] is None else k[0], k[1]))
+    diffs = [a[k] - b[k] for k in pairs]
+    out = {"init": init, "scratch": scratch, "mode": mode, "fraction": frac, "n_pairs": len(pairs),
            "mean_diff": sum(diffs) / len(diffs) if diffs else float("nan"),
-           "wins": sum(d > 0 for d in diffs), "losses": sum(d < 0 for d in diffs), "p": None}
-    if len(seeds) >= MIN_PAIRS:
+           "wins": sum(d > 0 for d in diffs), "losses": sum(d < 0 for d in diffs), "p": None,
+           "folds": len({k[0] for k in pairs if k[0] is not None})}
+    if len(pairs) >= MIN_PAIRS:
         out["p"] = wilcoxon_p(diffs)
     return out
 
@@ -150,11 +159,39 @@ def paired_tests(rows: list[dict], metric: str) -> list[dict]:
     return out
 
 
+def scratch_partner(init: str, scratch: list[str]) -> str | None:
+    """The scratch init an init is compared with: the only one, else the one with the same encoder
+    suffix (``mae_vit_tiny`` -> ``scratch_vit_tiny``), else the first."""
+    if not scratch:
+        return None
+    suffix = init.partition("_")[2]
+    return next((s for s in scratch if suffix and s.partition("_")[2] == suffix), scratch[0])
+
+
+def add_paired(summary: list[dict], rows: list[dict], metric: str) -> list[dict]:
+    """Give every pretrained row of a study summary its paired comparison with scratch
+    (:func:`paired_test`, the partner from :func:`scratch_partner`): ``vs_scratch``,
+    ``delta_vs_scratch`` (mean difference over matched cells), ``n_pairs`` and ``p_wilcoxon``
+    (None below :data:`MIN_PAIRS` pairs). Scratch rows get empty fields. Returns ``summary``."""
+    scratch = sorted({s["init"] for s in summary if _is_scratch(s["init"])})
+    for s in summary:
+        partner = None if _is_scratch(s["init"]) else scratch_partner(s["init"], scratch)
+        t = paired_test(rows, s["init"], partner, s["mode"], s["fraction"], metric) if partner else None
+        ok = bool(t and t["n_pairs"])
+        s.update(vs_scratch=partner if ok else None, delta_vs_scratch=t["mean_diff"] if ok else None,
+                 n_pairs=t["n_pairs"] if ok else 0, p_wilcoxon=t["p"] if ok else None)
+    return summary
+
+
+def p_text(p: float | None, n_pairs: int) -> str:
+    """The Wilcoxon p-value as printed beside a difference (``n too small`` below MIN_PAIRS)."""
+    if p is None:
+        return f"n too small (n={n_pairs}; needs ≥{MIN_PAIRS})"
+    return (f"p = {p:.3f}" if p >= 0.001 else "p < 0.001") + f", n={n_pairs}"
+
+
 def _p_text(t: dict) -> str:
-    if t["p"] is None:
-        return f"n too small (n={t['n_pairs']}; needs ≥{MIN_PAIRS})"
-    p = t["p"]
-    return f"p = {p:.3f}" if p >= 0.001 else "p < 0.001"
+    return p_text(t["p"], t["n_pairs"])
 
 
 def _delta_html(delta: float, t: dict | None) -> str:
@@ -275,7 +312,7 @@ def per_class_table(rows: list[dict], preds: dict, k: int, n_boot: int = 1000) -
             for m in PER_CLASS:
                 s = per_metric[m][key]
                 entry[m] = {"mean": s[f"{m}_class{c}_mean"], "low": s["ci95_low"], "high": s["ci95_high"],
-                            "n": s["n_seeds"], "ci": "seeds"}
+                            "n": s["n_cells"], "ci": "seeds"}
             if entry["auroc"]["n"] + entry["sensitivity"]["n"] == 0:
                 continue
             group = [r for r in cell_rows if (r["init"], r["mode"], r["fraction"]) == key]
@@ -603,21 +640,32 @@ def render_html(study: Path, curve: str | None, grids: list[tuple[str, str, str]
              + f" · report written {_e(_dt.datetime.now().strftime('%Y-%m-%d %H:%M'))}</p>"]
 
     parts.append("<h2>Results</h2>")
+    cv = any(fold_of(r) is not None for r in rows)
+    unit = "cells (folds × seeds)" if cv else "seeds"
+    if rows:
+        summary = add_paired([dict(s) for s in summary], rows, metric)  # also for a summary.json written before
     srows = []
     for s in summary:
         m = s.get(f"{metric}_mean")
-        n = s.get("n_seeds") or 0
+        n = s.get("n_cells", s.get("n_seeds")) or 0
         sd = _num(s.get(f"{metric}_std")) if n >= 2 else "–"
         ci = f"{_num(s.get('ci95_low'))} – {_num(s.get('ci95_high'))}" if n >= 2 and _finite(s.get("ci95_low")) \
             else f"– <span class='muted'>(n={n})</span>"
         n_flag = sum(1 for r in rows if r.get("cell") in flags and (r.get("init"), r.get("mode"), r.get("fraction"))
                      == (s["init"], s["mode"], s["fraction"]))
+        count = f"{n} ({s.get('n_folds')} × {s.get('n_seeds')})" if cv else _num(n)
+        t = {"p": s.get("p_wilcoxon"), "n_pairs": s.get("n_pairs") or 0}
+        delta = _delta_html(s["delta_vs_scratch"], t) + f" <span class='muted'>vs {_e(s['vs_scratch'])}</span>" \
+            if s.get("vs_scratch") else "–"
         srows.append([_e(s["init"]), _e(s["mode"]), _frac(s["fraction"]),
-                      _num(s.get("n_labelled")), _num(m), sd, ci, _num(n), _num(s.get("failed")),
+                      _num(s.get("n_labelled")), _num(m), sd, ci, count, delta, _num(s.get("failed")),
                       f"<span class='neg'>{n_flag}</span>" if n_flag else "0"])
-    parts.append(_table(["init", "mode", "fraction", "labelled images", f"{metric} mean", "std", "95% CI (seeds)",
-                         "seeds", "failed", "degenerate"], srows, "summary"))
-    parts.append("<p class='muted'>95% CI: t-interval over the seeds' test values (shown from 2 seeds on). "
+    parts.append(_table(["init", "mode", "fraction", "labelled images", f"{metric} mean", "std", f"95% CI ({unit})",
+                         unit, "Δ vs scratch (Wilcoxon)", "failed", "degenerate"], srows, "summary"))
+    parts.append(f"<p class='muted'>95% CI: t-interval over the {unit}' test values (shown from 2 on)"
+                 + (": the folds share training patients, so treat it as optimistic" if cv else "")
+                 + ". Δ vs scratch: mean difference over matched cells (same " + ("fold and " if cv else "")
+                 + "seed) with the two-sided Wilcoxon signed-rank p-value. "
                  "Degenerate: cells flagged below (one class predicted for every image, or the best checkpoint "
                  "at the first validation pass).</p>")
     parts.append(_pool_html(card, summary))
@@ -636,11 +684,13 @@ def render_html(study: Path, curve: str | None, grids: list[tuple[str, str, str]
                  _delta_html(t["mean_diff"], None), f"{t['wins']} / {t['losses']}", _e(_p_text(t))]
                 for t in ctx["paired"]]
         parts.append("<h3>Paired tests: each initialisation against scratch</h3>")
-        parts.append(_table(["mode", "fraction", "init", "against", "matched seeds", f"mean Δ {metric}",
-                             "seeds better / worse", "Wilcoxon signed-rank (two-sided)"], prow, "paired"))
-        parts.append(f"<p class='muted'>Pairs are cells with the same seed (same label subset and same fine-tuning "
-                     f"randomness). Below {MIN_PAIRS} pairs the exact test cannot reach p &lt; 0.05, so no p-value "
-                     "is given; a Δ is coloured only when p &lt; 0.05.</p>")
+        what = "(fold, seed) pairs" if cv else "seeds"
+        parts.append(_table(["mode", "fraction", "init", "against", f"matched {what}", f"mean Δ {metric}",
+                             "pairs better / worse", "Wilcoxon signed-rank (two-sided)"], prow, "paired"))
+        parts.append("<p class='muted'>Pairs are cells with the same " + ("cross-validation fold and " if cv else "")
+                     + "seed (same " + ("training and validation patients, " if cv else "") + "label subset and same "
+                     f"fine-tuning randomness). Below {MIN_PAIRS} pairs the exact test cannot reach p &lt; 0.05, so no "
+                     "p-value is given; a Δ is coloured only when p &lt; 0.05.</p>")
     if curve:
         parts.append(f"<figure><img src='{_e(curve)}' alt='label-efficiency curve'><figcaption>Test {_e(metric)} "
                      "against the number of labelled images (log scale); band: 95% CI over seeds.</figcaption></figure>")
@@ -675,7 +725,7 @@ def render_html(study: Path, curve: str | None, grids: list[tuple[str, str, str]
                      "too-high learning rate, or too few validation labels to select on).</p>")
 
     parts.append("<h2>Cells</h2>")
-    fields = [k for k in ("cell", "init", "mode", "fraction", "seed", "n_labelled", "best_epoch", "val_auroc",
+    fields = [k for k in ("cell", "init", "mode", "fraction", "seed", "fold", "n_labelled", "best_epoch", "val_auroc",
                           f"test_{metric}", "test_accuracy", "status", "error")
               if any(k in r for r in rows)]
     crow_html = []
