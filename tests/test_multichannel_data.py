@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -479,3 +480,46 @@ def test_decathlon_multimodality_task_as_channels(tmp_path, capsys):
     for c in range(3):
         want = mt.NormalizeIntensity(nonzero=True)(torch.as_tensor(arrays[i][..., c])[None])
         np.testing.assert_allclose(out["image"][c].numpy(), np.asarray(want[0]), rtol=1e-5, atol=1e-5)
+
+
+# ---- the fast 2D path on one picture per channel equals the MONAI chain ---------------------------------
+@pytest.mark.parametrize("resize", ["pad", "stretch", "none"])
+def test_fast_path_channels_equal_monai_chain(tmp_path, resize):
+    from medmim.data.presets import PRESETS
+
+    rng = np.random.default_rng(11)
+    yy, xx = np.mgrid[0:90, 0:70]
+    files = []
+    for c in range(3):
+        img = (120 + 80 * np.sin(xx / (9.0 + c)) * np.cos(yy / 13.0) + rng.normal(0, 20, (90, 70))).clip(0, 255)
+        img[:10] = 0
+        files.append(_png(tmp_path / f"f{c}.png", img))
+    g16 = str(tmp_path / "g16.png")
+    Image.fromarray((rng.random((90, 70)) * 4000).astype(np.uint16)).save(g16)
+    arr = rng.normal(0, 300, (90, 70)).astype(np.float32)
+    presets = list(PRESETS)
+    for k in range(len(presets)):  # every preset, each in every channel position once
+        chans = [{"name": f"c{i}", "preset": presets[(k + i) % len(presets)]} for i in range(3)]
+        dc = _dc("data.image_size=32", f"data.resize={resize}", f"data.channels={json.dumps(chans)}")
+        det = deterministic_transforms(dc, "xray", with_mask=False)
+        for refs in ([files[0], g16, files[2]], [arr, files[1], files[0]]):
+            fast = det.fast({"image": refs})
+            assert fast is not None
+            ref = det.reference({"image": refs})["image"]
+            assert fast["image"].shape == ref.shape == ((3, 32, 32) if resize != "none" else (3, 90, 70))
+            torch.testing.assert_close(fast["image"], torch.as_tensor(ref), rtol=1e-6, atol=1e-6)
+    # what it does not take (unequal shapes, a bad channel) goes to the MONAI chain and its message
+    dc = _dc("data.image_size=32", "data.channels=[a,b]")
+    det = deterministic_transforms(dc, "xray", with_mask=False)
+    small = _png(tmp_path / "small.png", rng.random((20, 20)) * 255)
+    blank = _png(tmp_path / "blank.png", np.zeros((90, 70)))
+    assert det.fast({"image": [files[0], small]}) is None
+    from medmim.data.dataset import describe_failure
+
+    for refs, needle in (([files[0], small], "channel 'b' .*small.png.* different geometry"),
+                         ([files[0], blank], r"^empty image \(every voxel is 0\)")):
+        with pytest.raises(Exception) as err:  # MONAI wraps the DataError; describe_failure unwraps it
+            det({"image": refs})
+        info = describe_failure({"image": refs}, err.value)
+        assert re.search(needle, info["reason"]), info
+    assert info["file"] == f"{blank} (channel 'b')"

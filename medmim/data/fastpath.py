@@ -13,8 +13,10 @@ presets. ``FastChain2D`` computes the same thing on plain arrays:
 * intensity, resize (``F.interpolate``, area / nearest), symmetric zero pad and centre crop: the
   same torch operations MONAI runs, on plain tensors.
 
-Anything it does not handle (3D, DICOM, a file PIL cannot open, a ``frame`` column, unusual shapes)
-returns ``None`` and the caller runs the MONAI chain, so error messages and rare cases stay MONAI's.
+Multi-channel cases (``data.channels``) given as one picture / npz entry / array per channel take the
+same steps per channel (each its own preset; equal shapes, as the MONAI chain requires), then one
+resize of the stacked channels. A single multi-channel file, and anything else it does not handle
+(3D, DICOM, a file PIL cannot open, a ``frame`` column, unusual shapes, a bad channel), returns ``None`` and the caller runs the MONAI chain, so error messages and rare cases stay MONAI's.
 ``tests/test_data_fast.py`` checks the two paths agree to 1e-6 on every preset and size mode.
 """
 
@@ -140,9 +142,11 @@ def pad_or_crop(img: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
 class FastChain2D:
     """The 2D deterministic chain on plain arrays; ``__call__`` returns None for what it leaves to MONAI."""
 
-    def __init__(self, preset: str, keys: Sequence[str], image_size: int, resize_mode: str):
+    def __init__(self, preset: str, keys: Sequence[str], image_size: int, resize_mode: str,
+                 presets: Sequence[str] | None = None):
         self.preset, self.keys = preset, tuple(keys)
         self.image_size, self.resize_mode = image_size, resize_mode
+        self.presets = list(presets) if presets else [preset]  # one per input channel (data.channels)
 
     @staticmethod
     def _read(value, key: str = "image") -> tuple[np.ndarray, str, bool] | None:
@@ -188,6 +192,8 @@ class FastChain2D:
         if data.get("frame") not in (None, "") or data.get("series_id") not in (None, ""):
             return None
         out = {k: v for k, v in data.items() if k not in ("series_id", "frame", "_stamp")}
+        if isinstance(data.get("image"), (list, tuple)) or len(self.presets) > 1:
+            return self._channels(data, out)
         raws: dict[str, tuple[np.ndarray, torch.Tensor]] = {}
         for key in self.keys:
             if key not in data:
@@ -214,4 +220,43 @@ class FastChain2D:
             if key == "image":
                 t = intensity(t, raw, self.preset)
             out[key] = self._size(t, "area" if key == "image" else "nearest").contiguous()
+        return out
+
+    def _plane(self, value, key: str) -> tuple[np.ndarray, torch.Tensor] | None:
+        """(raw array, (1, H, W) float32) of one grayscale picture / npz entry / array, checked; None when
+        the MONAI path should handle (or report) it."""
+        got = self._read(value, key)
+        if got is None:
+            return None
+        arr, where, from_file = got
+        where = where or f"<array {key}>"
+        native = torch.from_numpy(np.require(arr, requirements=["C", "W"])) if arr.dtype in _TORCH_NATIVE else None
+        if from_file:
+            t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+        else:
+            t = native if native is not None else torch.as_tensor(arr)
+        try:
+            t = channel_first(t, 2, key, where)
+            validate(native if (native is not None and native.dim() == 2) else t, key, where)
+        except Exception:  # noqa: BLE001 - the MONAI path gives the message (naming the channel)
+            return None
+        t = t.float()
+        return (arr if (arr.ndim == 2 and arr.dtype.kind in "iub") else t.numpy()), t
+
+    def _channels(self, data: dict, out: dict) -> dict | None:
+        """One file (picture, npz entry, array) per channel: per-channel intensity, one resize."""
+        refs = data.get("image")
+        if not isinstance(refs, (list, tuple)) or len(refs) != len(self.presets):
+            return None
+        planes = [self._plane(r, "image") for r in refs]
+        if any(p is None for p in planes) or len({tuple(t.shape) for _r, t in planes}) != 1:
+            return None  # unreadable, bad or unequal channels: the MONAI chain says which
+        img = torch.cat([intensity(t, raw, preset) for (raw, t), preset in zip(planes, self.presets)], 0)
+        if "mask" in self.keys and "mask" in data:
+            mask = self._plane(data["mask"], "mask")
+            if mask is None:
+                return None
+            check_pair(img, mask[1], str(data.get("mask")))
+            out["mask"] = self._size(mask[1], "nearest").contiguous()
+        out["image"] = self._size(img, "area").contiguous()
         return out
