@@ -523,3 +523,29 @@ def test_fast_path_channels_equal_monai_chain(tmp_path, resize):
         info = describe_failure({"image": refs}, err.value)
         assert re.search(needle, info["reason"]), info
     assert info["file"] == f"{blank} (channel 'b')"
+
+
+@pytest.mark.skipif(not EXAMPLE4D.exists(), reason="nibabel's test data not installed")
+def test_channel_axis_of_a_file_with_an_affine_must_be_the_last():
+    with pytest.raises(DataError, match=r"data.channel_axis=0, but the first 3 axes of this file are space"):
+        LoadRecordd.of(_dc("data.spatial_dims=3", "data.channels=[a,b]", "data.channel_axis=0"),
+                       ["image"])({"image": str(EXAMPLE4D)})
+    # an array (no affine) may hold its channels first: (C, H, W)
+    arr = np.random.default_rng(0).random((2, 9, 7)).astype(np.float32)
+    out = LoadRecordd.of(_dc("data.channels=[a,b]", "data.channel_axis=0"), ["image"])({"image": arr})["image"]
+    np.testing.assert_array_equal(out.numpy(), arr)
+
+
+def test_one_channel_picked_from_a_study_and_study_hash(study):
+    from medmim.data.pool import content_hash
+
+    root, vols = study
+    dc = _dc("data.spatial_dims=3", 'data.channels=[{"name": "flair", "series": "flair*"}]')
+    out = LoadRecordd.of(dc, ["image"])({"image": str(root)})["image"]
+    assert out.shape == (1, 12, 10, 6)
+    np.testing.assert_array_equal(out[0].numpy(), vols["flair"].transpose(1, 0, 2)[::-1, ::-1, :])
+    # the pool's content hash of a study folder covers every series in it
+    h = content_hash(str(root))
+    f = sorted((root / "loc").iterdir())[0]
+    f.write_bytes(f.read_bytes()[:-2] + b"\x01\x02")
+    assert content_hash(str(root)) != h

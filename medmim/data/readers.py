@@ -351,6 +351,9 @@ def read_channels(ref, channels, *, spatial_dims: int, channel_axis: int = -1, s
     if not 0 <= axis < img.ndim:
         raise DataError(f"{where}: data.channel_axis={channel_axis} is outside the image's {img.ndim} axes "
                         f"(shape {tuple(img.shape)})")
+    if has_geometry(ref, spatial_dims) and axis != spatial_dims:
+        raise DataError(f"{where}: data.channel_axis={channel_axis}, but the first {spatial_dims} axes of this file are "
+                        f"space (its affine's); its channels are on axis {spatial_dims} (-1)")
     if img.shape[axis] != n:
         raise DataError(f"{where}: {img.shape[axis]} channel(s) on axis {channel_axis} (shape {tuple(img.shape)}), "
                         f"data.channels declares {n} ({', '.join(names)})")
