@@ -549,3 +549,49 @@ def test_one_channel_picked_from_a_study_and_study_hash(study):
     f = sorted((root / "loc").iterdir())[0]
     f.write_bytes(f.read_bytes()[:-2] + b"\x01\x02")
     assert content_hash(str(root)) != h
+
+
+def _set_tags(folder: Path, **tags) -> None:
+    import pydicom
+
+    for f in folder.iterdir():
+        ds = pydicom.dcmread(str(f))
+        for k, v in tags.items():
+            setattr(ds, k, v)
+        ds.save_as(str(f))
+
+
+def test_dicom_manifest_by_study_reads_as_channels(tmp_path, capsys):
+    from pydicom.uid import generate_uid
+
+    from medmim.cli import main
+    from medmim.data.synthetic import ct_like_volume, write_dicom_series
+
+    root = tmp_path / "export"
+    vols = {}
+    for p in range(2):
+        study_uid = generate_uid()
+        for k, (name, desc) in enumerate((("t1", "T1 AX"), ("flair", "FLAIR AX"))):
+            vol = ct_like_volume((10, 12, 6), seed=10 * p + k)
+            folder, _ = write_dicom_series(root / f"pt{p}" / name, vol, patient_id=f"PID-{p}")
+            _set_tags(folder, SeriesDescription=desc, StudyInstanceUID=study_uid)
+            vols[p, name] = vol
+    # a study whose folder also holds another study's series cannot be a study folder: listed, not guessed
+    for q, sub in enumerate(("flat", "flat/other")):
+        write_dicom_series(root / sub, ct_like_volume((8, 8, 4), seed=50 + q), patient_id=f"F{q}")
+    out = tmp_path / "m.csv"
+    assert main(["data", "manifest", "--from", "dicom", str(root), "--by-study", "--salt", "s", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "'FLAIR AX' (2)" in printed and "'T1 AX' (2)" in printed
+    skipped = (tmp_path / "m.skipped.csv").read_text()
+    assert "flat" in skipped and "other studies" in skipped
+    dc = _dc("data.spatial_dims=3", 'data.channels=[{"name": "t1", "series": "t1 *"}, {"name": "flair"}]')
+    recs = read_manifest(out, dc.channels)
+    assert [Path(r["image"]).name for r in recs] == ["other", "pt0", "pt1"]  # flat/other: a folder of its own
+    assert all(r["patient_id"].startswith("pt-") for r in recs)
+    assert "PID" not in out.read_text()  # salted ids only
+    for r in recs[1:]:
+        p = int(Path(r["image"]).name[2:])
+        x = LoadRecordd.of(dc, ["image"])({"image": r["image"]})["image"]
+        for c, name in enumerate(("t1", "flair")):
+            np.testing.assert_array_equal(x[c].numpy(), vols[p, name].transpose(1, 0, 2)[::-1, ::-1, :])

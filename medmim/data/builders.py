@@ -254,10 +254,38 @@ def decathlon_channels(dataset_json: str | Path) -> list[str]:
     return names if len(set(names)) == len(names) else [f"ch{k}" for k, _ in items]
 
 
+def _study_rows(series: dict, skipped: list[dict]) -> list[dict]:
+    """One row per study (multi-sequence input, ``data.channels`` with SeriesDescription patterns):
+    ``image`` = the deepest folder holding all its series. A study whose folder also holds another
+    study's series cannot be read as a study folder: it is listed in ``skipped``."""
+    by_study: dict[str, list] = {}
+    for info in series.values():
+        by_study.setdefault(info.study_uid_hash, []).append(info)
+    rows = []
+    for study, infos in by_study.items():
+        common = infos[0].folder
+        while not all(common == i.folder or common in i.folder.parents for i in infos):
+            common = common.parent
+        others = [i for i in series.values() if i.study_uid_hash != study
+                  and (i.folder == common or common in i.folder.parents)]
+        if others:
+            skipped.append({"file": str(common), "reason": f"the study's folder also holds {len(others)} series of "
+                            "other studies; give its series as image_<name> columns instead"})
+            continue
+        mods = {i.modality for i in infos}
+        mod = mods.pop() if len(mods) == 1 else ""
+        rows.append({"image": str(common), "label": "", "patient_id": infos[0].patient, "study_id": "st-" + study,
+                     "split": "", "modality": DICOM_MODALITY.get(mod, "generic"), "n_series": len(infos),
+                     "series_descriptions": "; ".join(sorted(i.description for i in infos))})
+    return sorted(rows, key=lambda r: r["image"])
+
+
 def from_dicom(folder: str | Path, *, salt: str, split_time: bool = True,
-               skipped: list[dict] | None = None) -> list[dict]:
+               skipped: list[dict] | None = None, by_study: bool = False) -> list[dict]:
     """One row per DICOM series under ``folder`` (``image`` = the series folder, ``series_id`` =
     SeriesInstanceUID); a 4D series gives one row per time point (``frame``) when ``split_time``.
+    ``by_study``: one row per study instead (``image`` = the study's folder; its series become the
+    channels of ``data.channels`` by SeriesDescription pattern; ``series_descriptions`` lists them).
 
     ``patient_id``/``study_id`` are salted hashes. Series that fail the geometry checks (mixed
     orientations, missing slices) and non-DICOM files are listed in ``skipped``.
@@ -268,6 +296,12 @@ def from_dicom(folder: str | Path, *, salt: str, split_time: bool = True,
         raise DataError("from_dicom needs a salt for hashing patient ids")
     skipped = skipped if skipped is not None else []
     series = scan_folder(folder, salt, skipped=skipped)
+    if by_study:
+        rows = _study_rows(series, skipped)
+        if not rows:
+            raise DataError(f"{folder}: no DICOM study in a folder of its own"
+                            + (f" (first problem: {skipped[0]['file']}: {skipped[0]['reason']})" if skipped else ""))
+        return rows
     rows = []
     for uid, info in sorted(series.items(), key=lambda kv: (str(kv[1].folder), kv[0])):
         try:

@@ -1,6 +1,6 @@
 """``medmim data``: build manifests, write data cards, check a data config.
 
-    medmim data manifest --from folder|csv|decathlon|dicom|npz SOURCE --out manifest.csv
+    medmim data manifest --from folder|csv|decathlon|dicom|npz SOURCE --out manifest.csv [--by-study]
     medmim data card --manifest manifest.csv --out data_cards/name [--licence ... --source ...]
     medmim data card -c CONFIG [key=value ...] --out data_cards/name
     medmim data check -c CONFIG [key=value ...]        # read everything once, list what is skipped
@@ -46,6 +46,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     m.add_argument("--salt", default=None, help=f"dicom: salt for hashing patient ids (default: ${SALT_ENV}, "
                    "else a random salt kept in .medmim_salt beside the manifest; keep it private)")
     m.add_argument("--no-split-time", action="store_true", help="dicom: one row per 4D series, not per time point")
+    m.add_argument("--by-study", action="store_true", help="dicom: one row per study (its folder), for multi-sequence "
+                   "inputs whose series data.channels picks by SeriesDescription pattern")
     m.set_defaults(handler=cmd_manifest)
 
     c = sub.add_parser("card", help="write a data card (markdown + JSON) from a manifest or a config")
@@ -116,12 +118,19 @@ def cmd_manifest(args) -> int:
         rows = builders.from_decathlon(args.source)
     elif args.kind == "dicom":
         rows = builders.from_dicom(args.source, salt=_salt(args, out), split_time=not args.no_split_time,
-                                   skipped=skipped)
+                                   skipped=skipped, by_study=args.by_study)
     else:
         rows = builders.from_npz(args.source, modality=args.modality)
     write_manifest(rows, out, relative_to=out.parent)
     skipped_path = write_skipped(skipped, out.with_name(out.stem + ".skipped.csv"))
     print(f"manifest: {out} ({len(rows)} rows{_summary(rows)})")
+    if args.kind == "dicom" and args.by_study:
+        from collections import Counter
+
+        found = Counter(d for r in rows for d in r["series_descriptions"].split("; "))
+        print("series descriptions: " + ", ".join(f"'{d}' ({n})" for d, n in found.most_common(8))
+              + (f", … ({len(found) - 8} more)" if len(found) > 8 else "")
+              + "; declare data.channels with a series pattern per channel (docs/data.md)")
     if args.kind == "decathlon" and len(names := builders.decathlon_channels(args.source)) > 1:
         print(f"multi-modality task: its images hold {len(names)} channels (last axis); declare "
               f"data.channels=[{','.join(names)}] (data.channel_axis=-1), see docs/data.md")
