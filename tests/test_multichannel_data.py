@@ -595,3 +595,14 @@ def test_dicom_manifest_by_study_reads_as_channels(tmp_path, capsys):
         x = LoadRecordd.of(dc, ["image"])({"image": r["image"]})["image"]
         for c, name in enumerate(("t1", "flair")):
             np.testing.assert_array_equal(x[c].numpy(), vols[p, name].transpose(1, 0, 2)[::-1, ::-1, :])
+
+
+def test_a_channel_file_in_two_splits_is_leakage(tmp_path):
+    from medmim.data.splits import check_leakage
+
+    man = _two_channel_set(tmp_path)
+    recs = read_manifest(man, ["t1", "flair"])
+    check_leakage(recs)
+    recs[6]["image"][1] = recs[0]["image"][1]  # a test case reusing a train case's flair file
+    with pytest.raises(DataError, match=r"1 image file\(s\) appear in more than one split .*p0_flair.png"):
+        check_leakage(recs)

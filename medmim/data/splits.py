@@ -174,8 +174,9 @@ def check_leakage(records: list[dict]) -> None:
         if r.get("fold") is not None:
             folds_of[pid].add(r["fold"])
         img = r.get("image")
-        if isinstance(img, (str, Path)):
-            files_of[f"{img}|{r.get('series_id') or ''}|{r.get('frame') if r.get('frame') is not None else ''}"].add(split)
+        for ref in (img if isinstance(img, (list, tuple)) else [img]):  # every channel's file (data.channels)
+            if isinstance(ref, (str, Path)):
+                files_of[f"{ref}|{r.get('series_id') or ''}|{r.get('frame') if r.get('frame') is not None else ''}"].add(split)
     leaking = sorted(p for p, s in splits_of.items() if len(s) > 1)
     if leaking:
         first = leaking[0]
