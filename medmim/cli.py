@@ -108,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dims", type=int, choices=[2, 3], default=2, help="2D chest X-ray-like or 3D CT-like")
     p.add_argument("--patients", type=int, default=120)
     p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--sequences", default="", help="multi-sequence brain MRI instead: 2-4 comma-separated sequence "
+                   "names (e.g. t1,t2,flair,adc), one file each, manifest columns image_<name>")
 
     p = sub.add_parser("config", help="print the resolved config (defaults + file + overrides)")
     _add_config_args(p)
@@ -258,7 +260,11 @@ def cmd_predict(args) -> int:
 def cmd_phantoms(args) -> int:
     from medmim.data.phantoms import PhantomSpec, generate
 
-    manifest = generate(args.out, args.dims, PhantomSpec(n_patients=args.patients, seed=args.seed))
+    seqs = tuple(q.strip() for q in args.sequences.split(",") if q.strip())
+    try:
+        manifest = generate(args.out, args.dims, PhantomSpec(n_patients=args.patients, seed=args.seed, sequences=seqs))
+    except ValueError as exc:
+        raise MedmimError(f"--sequences: {exc}") from None
     print(f"manifest: {manifest}")
     return 0
 

@@ -30,6 +30,7 @@ from medmim.errors import DataError, MedmimError
 from medmim.io import write_csv, write_json, write_text
 from medmim.progress import ProgressBar
 from medmim.data.labels import class_names
+from medmim.data.manifest import case_name
 from medmim.predict import find_run, load_run_model
 
 PER_CLASS = ("sensitivity", "specificity", "precision", "f1")
@@ -227,7 +228,7 @@ def evaluate_run(run_dir: str | Path, *, split: str = "test", out_dir: str | Pat
         for r in records:
             item = _item_of(r, segment)
             if item is None:  # segmentation row without a mask
-                skipped.append({"file": str(r.get("source") or r["image"]), "reason": "no mask"})
+                skipped.append({"file": str(r.get("source") or case_name(r)), "reason": "no mask"})
             else:
                 try:
                     pending.append((r, chain(item)))
@@ -252,7 +253,7 @@ def evaluate_run(run_dir: str | Path, *, split: str = "test", out_dir: str | Pat
     seed = cfg.run.seed
     result: dict = {"run": str(run_dir), "checkpoint": str(ckpt), "split": split, "n": len(kept),
                     "skipped": len(skipped), "preset": preset, "bootstrap": n_boot}
-    files = [str(r.get("source") or r["image"]) for r in kept]
+    files = [str(r.get("source") or case_name(r)) for r in kept]  # multi-channel: the first channel's file
     if segment:
         dice, hd = np.asarray(dice_rows, np.float64), np.asarray(hd_rows, np.float64)
         k = dice.shape[1]

@@ -344,3 +344,145 @@ def test_channel_metadata_and_model_card_row(tmp_path):
     side = json.loads((tmp_path / "encoder.json").read_text())
     assert side["in_channels"] == 2 and side["channels"] == meta
     assert _channels_text(side["channels"]) == "t1 (mri_zscore), flair (mri_percentile)"
+
+
+# ---- end to end: phantoms -> pretrain -> finetune -> evaluate / predict ------------------------------
+def _probs(table, names):
+    from pathlib import Path
+
+    with open(table) as fh:
+        rows = list(csv.DictReader(fh))
+    return {str(Path(r["file"]).resolve()): np.array([float(r[f"prob_{n}"]) for n in names]) for r in rows}
+
+
+def _pipeline(tmp_path, dims: int, channels: list[str], method: str, encoder: str, *extra: str):
+    """pretrain -> finetune -> evaluate -> predict (on a channel manifest of the test cases) through the
+    CLI on multi-sequence phantoms; returns (run dir, predict's and evaluate's probabilities, manifest)."""
+    from pathlib import Path
+
+    from medmim.cli import main
+
+    common = [f"run.out_dir={tmp_path / 'runs'}", f"data.phantoms.out_dir={tmp_path / 'data'}", "run.name=mc",
+              "run.device=cpu", "run.num_threads=1", f"data.spatial_dims={dims}",
+              f"data.channels=[{','.join(channels)}]", "data.phantoms.n_patients=16", "data.phantoms.size_2d=32",
+              "data.phantoms.size_3d=16", "data.image_size=16", "data.phantoms.pool_patients=0",
+              f"pretrain.method={method}", f"encoder.name={encoder}", *TINY_VIT, "encoder.width=8",
+              "encoder.num_stages=2", "pretrain.decoder_dim=16", "pretrain.decoder_depth=1", "pretrain.epochs=1",
+              "pretrain.batch_size=8", "pretrain.recon_every=0", "finetune.epochs=1", "finetune.batch_size=8",
+              "finetune.bootstrap=0", "run.tensorboard=false", *extra]
+    assert main(["pretrain", *common]) == 0
+    run = tmp_path / "runs" / "mc"
+    side = json.loads((run / "encoder.json").read_text())
+    assert side["in_channels"] == len(channels)
+    assert [c["name"] for c in side["channels"]] == channels and all(c["preset"] for c in side["channels"])
+    assert ", ".join(channels[:1]) in (run / "model_card.md").read_text()
+    assert main(["finetune", *common]) == 0
+    assert main(["evaluate", str(run / "finetune"), "--split", "test", "-o", str(tmp_path / "ev")]) == 0
+    ev = _probs(tmp_path / "ev" / "predictions.csv", ["0", "1"])
+    # the test cases as a manifest of channel files, as a user would hand them to predict
+    manifest = next((tmp_path / "data").glob("*_mri_*/manifest.csv"))
+    with open(manifest) as fh:
+        rows = [r for r in csv.DictReader(fh)
+                if str((manifest.parent / r[f"image_{channels[0]}"]).resolve()) in ev]
+    assert len(rows) == len(ev) > 0
+    cases = tmp_path / "cases.csv"
+    with open(cases, "w", newline="") as fh:
+        cols = [f"image_{c}" for c in channels]
+        w = csv.DictWriter(fh, fieldnames=cols)
+        w.writeheader()
+        w.writerows({c: str(manifest.parent / r[c]) for c in cols} for r in rows)
+    assert main(["predict", str(run / "finetune"), str(cases), "-o", str(tmp_path / "pr")]) == 0
+    pr = _probs(tmp_path / "pr" / "predictions.csv", ["0", "1"])
+    assert set(pr) == set(ev)
+    for key in ev:
+        np.testing.assert_allclose(pr[key], ev[key], atol=1e-5, err_msg=key)
+    return run / "finetune", manifest, rows
+
+
+def test_2d_four_sequences_mae_pretrain_finetune_predict_equals_evaluate(tmp_path, capsys):
+    from medmim.cli import main
+
+    channels = ["t1", "t2", "flair", "adc"]
+    run, manifest, rows = _pipeline(tmp_path, 2, channels, "mae", "vit_tiny", "data.channel_dropout=0.25")
+    # a wrong channel count is refused with one line naming the file: one PNG (1 channel) for a 4-channel model
+    one = manifest.parent / rows[0]["image_t1"]
+    capsys.readouterr()
+    assert main(["predict", str(run), str(one), "-o", str(tmp_path / "bad")]) == 1
+    err = capsys.readouterr().err
+    line = next(ln for ln in err.splitlines() if "medmim predict:" in ln)
+    assert one.name in line and "channel" in line
+    # a manifest lacking a channel column: one line naming the manifest
+    short = tmp_path / "short.csv"
+    with open(short, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=["image_t1", "image_t2"])
+        w.writeheader()
+        w.writerow({"image_t1": str(one), "image_t2": str(one)})
+    assert main(["predict", str(run), str(short), "-o", str(tmp_path / "bad2")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "short.csv" in err[0] and "image_flair" in err[0]
+
+
+def test_3d_two_sequences_spark_on_a_cnn(tmp_path):
+    _pipeline(tmp_path, 3, ["t2", "adc"], "spark", "resnet18", "pretrain.backend=dense")
+
+
+def test_3d_four_sequences_mae_and_2d_two_sequences_simclr(tmp_path):
+    _pipeline(tmp_path / "mae3d", 3, ["t1", "t2", "flair", "adc"], "mae", "vit_tiny")
+    _pipeline(tmp_path / "simclr2d", 2, ["t2", "flair"], "simclr", "resnet18", "data.channel_dropout=0.3")
+
+
+def test_3d_two_sequence_segmentation_predicts_masks_on_the_first_channels_grid(tmp_path):
+    """UNet on a 2-channel CNN, trained on the phantom masks; predict on a channel manifest writes one
+    mask per case with the first channel's grid and affine (nibabel)."""
+    import nibabel as nib
+
+    from medmim.cli import main
+
+    common = [f"run.out_dir={tmp_path / 'runs'}", f"data.phantoms.out_dir={tmp_path / 'data'}", "run.name=seg",
+              "run.device=cpu", "run.num_threads=1", "data.spatial_dims=3", "data.channels=[t2,flair]",
+              "data.phantoms.n_patients=12", "data.phantoms.size_3d=16", "data.image_size=16",
+              "data.phantoms.pool_patients=0", "data.task=segmentation", "finetune.head=segment",
+              "finetune.num_seg_classes=4", "encoder.name=resnet18", "encoder.width=8", "encoder.num_stages=2",
+              "finetune.epochs=1", "finetune.batch_size=4", "finetune.bootstrap=0", "run.tensorboard=false"]
+    assert main(["finetune", "--init", "scratch", *common]) == 0
+    manifest = next((tmp_path / "data").glob("3d_mri_*/manifest.csv"))
+    rows = list(csv.DictReader(open(manifest)))[:2]
+    cases = tmp_path / "cases.jsonl"
+    cases.write_text("".join(json.dumps({"image": [str(manifest.parent / r["image_t2"]),
+                                                   str(manifest.parent / r["image_flair"])]}) + "\n" for r in rows))
+    assert main(["predict", str(tmp_path / "runs" / "seg" / "segment"), str(cases), "-o", str(tmp_path / "pr")]) == 0
+    for r in rows:
+        src = nib.load(str(manifest.parent / r["image_t2"]))
+        out = nib.load(str(tmp_path / "pr" / (r["image_t2"].split("/")[-1].replace(".nii", "") + "_seg.nii.gz")))
+        assert out.shape == src.shape and np.allclose(out.affine, src.affine)
+        assert set(np.unique(np.asarray(out.dataobj)).tolist()) <= {0, 1, 2, 3}
+
+
+# ---- anomaly scoring over C channels ----------------------------------------------------------------------
+def test_error_maps_and_baseline_statistics_use_every_channel():
+    from medmim.anomaly.baselines import image_statistics
+    from medmim.anomaly.scoring import error_map
+
+    rng = np.random.default_rng(0)
+    x, r = rng.random((2, 3, 8, 8)), rng.random((2, 3, 8, 8))
+    got = error_map(torch.as_tensor(x), torch.as_tensor(r), "l2").numpy()
+    np.testing.assert_allclose(got, ((x - r) ** 2).mean(1), rtol=1e-6)  # one map: the channel mean
+    st = image_statistics(torch.as_tensor(x))
+    np.testing.assert_allclose(st["mean"].numpy(), x.reshape(2, -1).mean(1), rtol=1e-6)
+    np.testing.assert_allclose(st["variance"].numpy(), x.reshape(2, -1).var(1), rtol=1e-5)
+
+
+def test_anomaly_train_and_score_on_two_sequence_phantoms(tmp_path):
+    from medmim.cli import main
+
+    args = ["anomaly", "train", f"run.out_dir={tmp_path}", "run.name=an", "data.channels=[t2,flair]",
+            f"data.phantoms.out_dir={tmp_path / 'ph'}", "data.phantoms.n_patients=16", "data.image_size=32",
+            "data.phantoms.size_2d=32", "data.task=segmentation", "encoder.patch_size=8", "run.num_threads=1",
+            *TINY_VIT[:3], "encoder.patch_size=8", "pretrain.decoder_dim=16", "pretrain.decoder_depth=1",
+            "pretrain.epochs=1", "pretrain.warmup_epochs=0", "anomaly.max_heatmaps=2", "run.tensorboard=false"]
+    assert main(args) == 0
+    side = json.loads((tmp_path / "an" / "anomaly_model.json").read_text())
+    assert side["in_channels"] == 2 and [c["name"] for c in side["channels"]] == ["t2", "flair"]
+    assert main(["anomaly", "score", "--run-dir", str(tmp_path / "an")]) == 0
+    metrics = json.loads((tmp_path / "an" / "scores_test" / "metrics.json").read_text())
+    assert 0 <= metrics["l2"]["image_auroc"] <= 1 and 0 <= metrics["l2"]["pixel_auroc"] <= 1  # lesion label 3

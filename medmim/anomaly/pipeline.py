@@ -35,6 +35,7 @@ from medmim.config import Config, load_config
 from medmim.data.dataset import DataBundle, deterministic_transforms, describe_failure, make_loader, prepare_data, summarize
 from medmim.errors import DataError, MedmimError
 from medmim.io import write_csv, write_json, write_text
+from medmim.models.export import channel_metadata
 from medmim.train.distributed import current as current_dist
 from medmim.train.loop import Runtime, fit
 from medmim.train.rundir import RunDir, seed_everything
@@ -53,9 +54,9 @@ def lesion_label(cfg: Config) -> int | None:
     if cfg.anomaly.lesion_label is not None:
         return cfg.anomaly.lesion_label
     if cfg.data.source == "phantoms":
-        from medmim.data.phantoms import LABELS_2D, LABELS_3D
+        from medmim.data.phantoms import phantom_labels
 
-        return (LABELS_2D if cfg.data.spatial_dims == 2 else LABELS_3D)["lesion"]
+        return phantom_labels(cfg.data)["lesion"]
     return None
 
 
@@ -275,6 +276,7 @@ def train_anomaly(cfg: Config, *, resume: bool = False, log: Callable[[str], Non
         "format": "medmim-anomaly-v1", "method": pc.method, "memory": ac.memory,
         "architecture": cfg.encoder.name, "encoder_config": cfg.encoder.model_dump(),
         "spatial_dims": cfg.data.spatial_dims, "image_size": cfg.data.image_size,
+        "in_channels": cfg.data.in_channels, "channels": channel_metadata(cfg.data, data.preset),
         "normal_label": ac.normal_label, "n_train_normal": len(train_items),
         "data_source": data.source, "data_fingerprint": data.fingerprint, "seed": cfg.run.seed,
         "train_time_s": round(train_time, 1), "settings": settings_key(ScoreSettings.from_config(cfg), cfg),

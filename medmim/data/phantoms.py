@@ -312,6 +312,14 @@ def _save_nifti(path: Path, arr: np.ndarray, spacing=SPACING_3D) -> None:
     os.replace(tmp, path)
 
 
+def phantom_labels(dc) -> dict[str, int]:
+    """The mask labels of the phantom set ``data`` configures (multi-sequence MRI when ``data.channels``
+    is declared, else the 2D X-ray or 3D CT set)."""
+    if dc.channels:
+        return LABELS_MRI
+    return LABELS_2D if dc.spatial_dims == 2 else LABELS_3D
+
+
 def phantom_spec(p, channels=()) -> PhantomSpec:
     """The PhantomSpec of a ``data.phantoms`` section; ``channels`` (``data.channels`` names) make it a
     multi-sequence MRI set with one sequence per channel."""
@@ -368,12 +376,15 @@ def generate_pool(out_dir: str | Path, spatial_dims: int, spec: PhantomSpec, n_p
                          "would repeat the labelled patients")
     if n_patients < 1:
         raise ValueError(f"data.phantoms.pool_patients must be >= 1, got {n_patients}")
-    root = Path(out_dir) / f"{spatial_dims}d_pool"
+    seqs = "_mri_" + "_".join(spec.sequences) if spec.sequences else ""
+    root = Path(out_dir) / f"{spatial_dims}d{seqs}_pool"
     pool_spec = PhantomSpec(n_patients=n_patients, images_per_patient=spec.images_per_patient,
                             size_2d=spec.size_2d, size_3d=spec.size_3d, abnormal_fraction=spec.abnormal_fraction,
-                            seed=seed)
+                            seed=seed, sequences=spec.sequences)
     params = {"spatial_dims": spatial_dims, **asdict(pool_spec), "version": 2, "pool": True}
-    params.pop("sequences")  # the pool is grayscale
+    params["sequences"] = list(spec.sequences)
+    if not spec.sequences:
+        del params["sequences"]  # grayscale pools keep the parameters (and files) they had
     return _write_set(root, spatial_dims, pool_spec, params, seed=seed, n_patients=n_patients, prefix="U",
                       labelled=False)
 
@@ -388,7 +399,8 @@ def _write_set(root: Path, spatial_dims: int, spec: PhantomSpec, params: dict, *
     if labelled:
         (root / "masks").mkdir(parents=True, exist_ok=True)
     if spec.sequences:
-        return _write_mri_set(root, spatial_dims, spec, params, seed=seed, n_patients=n_patients, prefix=prefix)
+        return _write_mri_set(root, spatial_dims, spec, params, seed=seed, n_patients=n_patients, prefix=prefix,
+                              labelled=labelled)
     rows = []
     ext = "png" if spatial_dims == 2 else "nii"
     n_abnormal = int(round(spec.abnormal_fraction * n_patients))
@@ -431,12 +443,13 @@ def _write_rows(manifest: Path, rows: list[dict]) -> None:
 
 
 def _write_mri_set(root: Path, spatial_dims: int, spec: PhantomSpec, params: dict, *, seed: int, n_patients: int,
-                   prefix: str) -> Path:
+                   prefix: str, labelled: bool = True) -> Path:
     """The multi-sequence MRI set: ``images/<case>_<sequence>.{png,nii}``, ``masks/<case>.{png,nii}`` and
-    a manifest with one ``image_<sequence>`` column per sequence."""
+    a manifest with one ``image_<sequence>`` column per sequence (a pool: no masks, no labels)."""
     contrasts = sequence_contrasts(spec.sequences)
     (root / "images").mkdir(parents=True, exist_ok=True)
-    (root / "masks").mkdir(parents=True, exist_ok=True)
+    if labelled:
+        (root / "masks").mkdir(parents=True, exist_ok=True)
     n_abnormal = int(round(spec.abnormal_fraction * n_patients))
     order = np.random.default_rng(seed).permutation(n_patients)
     abnormal_ids = set(order[:n_abnormal].tolist())
@@ -458,6 +471,9 @@ def _write_mri_set(root: Path, spatial_dims: int, spec: PhantomSpec, params: dic
                 else:
                     _save_nifti(path, (img * MRI_SCALES[contrast]).astype(np.float32), SPACING_MRI)
                 row[f"image_{seq}"] = f"images/{path.name}"
+            if not labelled:  # the pool carries neither labels nor masks
+                rows.append({**row, "patient_id": f"{prefix}{p:04d}", "study_id": f"S{s}", "modality": "mri"})
+                continue
             mask_path = root / "masks" / f"{name}.{ext}"
             if spatial_dims == 2:
                 _save_mask_png(mask_path, mask)

@@ -279,11 +279,10 @@ def build_pool(cfg: Config, labelled: dict[str, list[dict]], default_preset: str
     skipped = skipped if skipped is not None else []
     sources: list[tuple[UnlabelledSource, str]] = []
     if dc.source == "phantoms" and dc.phantoms.pool_patients > 0:
-        from medmim.data.phantoms import PhantomSpec, generate_pool
+        from medmim.data.phantoms import generate_pool, phantom_spec
 
         p = dc.phantoms
-        spec = PhantomSpec(n_patients=p.n_patients, images_per_patient=p.images_per_patient, size_2d=p.size_2d,
-                           size_3d=p.size_3d, abnormal_fraction=p.abnormal_fraction, seed=p.seed)
+        spec = phantom_spec(p, [c.name for c in dc.channels])  # multi-sequence MRI when data.channels is declared
         manifest = generate_pool(p.out_dir, dc.spatial_dims, spec, p.pool_patients, p.pool_seed)
         sources.append((UnlabelledSource(path=str(manifest), kind="manifest", preset=default_preset,
                                          name=f"phantom pool (seed {p.pool_seed})"), default_preset))
