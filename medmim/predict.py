@@ -16,8 +16,9 @@ size as training and ``medmim evaluate``. There is no second loader here.
 A DICOM series (a folder of slices, or several series in one folder) is one input volume, as in
 training. Multi-channel runs (``data.channels``) take one multi-channel file per case (a 4D NIfTI...)
 or a manifest (``.csv`` / ``.jsonl``) whose rows give each case's channel files (``image_<name>``
-columns or an ``image`` list, read as training reads them); an input whose channel count differs from
-the model's is refused with one line naming the file. A file that cannot be used gets one error line and is listed in ``errors.csv``; the
+columns or an ``image`` list, read as training reads them), or a DICOM study folder per case (its
+series picked per channel by SeriesDescription); an input whose channel count differs from the
+model's is refused with one line naming the file. A file that cannot be used gets one error line and is listed in ``errors.csv``; the
 other inputs still get their predictions.
 """
 
@@ -108,7 +109,8 @@ def collect_inputs(paths: Iterable[str | Path], channels=None) -> list[Input]:
     """Files as given (any suffix: a bad one fails for that file only); manifests (``.csv``,
     ``.jsonl``) one input per row (``channels``: the run's ``data.channels``); folders searched
     recursively: picture/volume files one input each, DICOM files grouped into series (one input
-    per series). Sorted, without duplicates."""
+    per series) -- or, for a multi-channel run, the folder's DICOM files as one study (one input,
+    its series picked per channel by SeriesDescription). Sorted, without duplicates."""
     from medmim.data.dicom import scan_folder
 
     out: list[Input] = []
@@ -122,6 +124,10 @@ def collect_inputs(paths: Iterable[str | Path], channels=None) -> list[Input]:
             continue
         files = sorted(q for q in p.rglob("*") if q.is_file() and not q.name.startswith("."))
         dicom = [q for q in files if _looks_dicom(q)]
+        if channels and dicom:  # a multi-channel run: a folder of DICOM files is one study, its series the channels
+            out.append(Input(p))
+            out += [Input(q) for q in files if q not in set(dicom) and _suffix(q) in IMAGE_SUFFIXES]
+            continue
         out += [Input(q) for q in files if q not in set(dicom) and _suffix(q) in IMAGE_SUFFIXES]
         if dicom:
             skipped: list[dict] = []

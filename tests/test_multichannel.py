@@ -135,6 +135,9 @@ def test_spark_outputs_every_channel_with_per_channel_targets(dims):
     per_cell = ((patchify(pred, p) - tgt) ** 2).mean(-1)
     hidden = mask.flatten(1).float()
     torch.testing.assert_close(out["loss"], (per_cell * hidden).sum() / hidden.sum())
+    # the sparse backend (sparse stem over the C channels) gives the masked-dense numbers
+    spark.backend = "sparse"
+    torch.testing.assert_close(spark(x, mask=mask)["loss"], out["loss"], rtol=1e-4, atol=1e-5)
 
 
 def test_simclr_views_jitter_each_channel_on_its_own_geometry_shared():
@@ -486,3 +489,47 @@ def test_anomaly_train_and_score_on_two_sequence_phantoms(tmp_path):
     assert main(["anomaly", "score", "--run-dir", str(tmp_path / "an")]) == 0
     metrics = json.loads((tmp_path / "an" / "scores_test" / "metrics.json").read_text())
     assert 0 <= metrics["l2"]["image_auroc"] <= 1 and 0 <= metrics["l2"]["pixel_auroc"] <= 1  # lesion label 3
+
+
+def test_predict_takes_a_dicom_study_folder_as_one_case_and_equals_evaluate(tmp_path):
+    """A 2-channel 3D run; a DICOM study whose series are picked by SeriesDescription: predict on the
+    study folder gives one case, with evaluate's probabilities for a manifest row naming that folder."""
+    import pydicom
+
+    from medmim.cli import main
+    from medmim.config import dump_config
+    from medmim.data.synthetic import ct_like_volume, write_dicom_series
+    from medmim.models.heads import Classifier
+    from medmim.train.checkpoint import save_checkpoint
+
+    def write_study(root, seed):
+        for name, desc, k in (("a", "T1 AX", 0), ("b", "FLAIR AX", 1)):
+            folder, _ = write_dicom_series(root / name, ct_like_volume((10, 12, 6), seed=2 * seed + k),
+                                           spacing=(0.5, 0.8, 2.0))
+            for f in folder.iterdir():
+                ds = pydicom.dcmread(str(f))
+                ds.SeriesDescription = desc
+                ds.save_as(str(f))
+        return root
+
+    study = write_study(tmp_path / "study", 0)
+    others = [write_study(tmp_path / f"other{i}", i + 1) for i in range(2)]
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f"image,label,patient_id,split\n{study},1,p1,test\n{others[0]},0,p2,train\n"
+                        f"{others[1]},1,p3,val\n")
+    cfg = load_config(None, ["data.source=manifest", f"data.path={manifest}", "data.spatial_dims=3",
+                             "data.image_size=16", "data.modality=mri", "data.channels=[t1,flair]",
+                             "encoder.name=resnet18", "encoder.width=8", "encoder.num_stages=2", "data.num_classes=2",
+                             "run.num_threads=1", "finetune.bootstrap=0"])
+    run = tmp_path / "run"
+    (run / "finetune" / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text(dump_config(cfg))
+    (run / "environment.json").write_text('{"data": {"preset": "mri_percentile"}}')
+    torch.manual_seed(0)
+    model = Classifier(build_encoder_for(cfg), 2, mode="full")
+    save_checkpoint({"model": model.state_dict(), "epoch": 0}, run / "finetune" / "checkpoints" / "best.pt")
+    assert main(["evaluate", str(run), "--split", "test", "-o", str(tmp_path / "ev")]) == 0
+    assert main(["predict", str(run), str(study), "-o", str(tmp_path / "pr")]) == 0
+    ev, pr = _probs(tmp_path / "ev" / "predictions.csv", ["0", "1"]), _probs(tmp_path / "pr" / "predictions.csv", ["0", "1"])
+    assert list(pr) == list(ev) == [str(study.resolve())]
+    np.testing.assert_allclose(pr[str(study.resolve())], ev[str(study.resolve())], atol=1e-5)
