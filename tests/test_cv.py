@@ -317,3 +317,22 @@ def test_tiny_cv_study_runs_folds_and_reports_wilcoxon(tmp_path):
     logs.clear()
     sub = le.run_study(load_config(path, ["study.folds=[1]"]), log=logs.append, progress=False)
     assert {r["fold"] for r in sub} == {1} and sum("(done before)" in m for m in logs) == 4
+
+
+def test_finetune_fold_cli_run_has_its_own_folder_and_evaluate_replays_its_fold(tmp_path):
+    from medmim.cli import main
+    from medmim.evaluate import evaluate_run
+
+    ov = ["run.name=f", f"run.out_dir={tmp_path / 'runs'}", "run.num_threads=1", "data.folds=3",
+          f"data.split_file={tmp_path / 'split.json'}", f"data.phantoms.out_dir={tmp_path / 'ph'}",
+          "data.phantoms.n_patients=24", "data.phantoms.images_per_patient=1", "data.phantoms.size_2d=32",
+          "data.image_size=16", "encoder.embed_dim=16", "encoder.depth=1", "encoder.num_heads=2",
+          "finetune.epochs=1", "finetune.batch_size=16", "finetune.bootstrap=0"]
+    assert main(["finetune", "--init", "scratch", "--fold", "1", *ov]) == 0
+    stage = tmp_path / "runs" / "f" / "finetune-fold1"
+    assert (stage / "result.json").exists() and yaml.safe_load((stage / "config.yaml").read_text())["finetune"]["fold"] == 1
+    _k, folds = load_fold_file(tmp_path / "split.json")
+    out = evaluate_run(stage, split="val", out_dir=tmp_path / "ev", progress=False, log=lambda m: None)
+    n_val = sum(1 for f in folds.values() if f == 1)  # one image per patient
+    rows = (tmp_path / "ev" / "predictions.csv").read_text().splitlines()
+    assert len(rows) - 1 == n_val, (out, n_val)
