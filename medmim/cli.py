@@ -145,7 +145,7 @@ def _cfg(args):
 
 def cmd_demo(args) -> int:
     from pipelines.label_efficiency import format_table, run_study, summarize_study
-    from medmim.eval.report import comparison
+    from medmim.eval.report import comparison, p_text, paired_test
 
     cfg = _cfg(args)
     rows = run_study(cfg)  # its set-up joins torchrun's process group, reads the data rank 0 first
@@ -153,8 +153,10 @@ def cmd_demo(args) -> int:
     summary = summarize_study(rows, metric)
     print("\n" + format_table(summary, metric))
     for c in comparison(summary, metric):
+        t = paired_test(rows, c["best_init"], c["scratch_init"], c["mode"], c["fraction"], metric)
         print(f"  {c['mode']} f{c['fraction']:g}: best pretrained ({c['best_init']}) {c['best_pretrained']:.3f} vs "
-              f"{c['scratch_init']} {c['scratch']:.3f} ({c['delta']:+.3f} {metric})")
+              f"{c['scratch_init']} {c['scratch']:.3f} ({c['delta']:+.3f} {metric}; paired Wilcoxon "
+              f"{p_text(t['p'], t['n_pairs'], t['ties'])})")
     out = Path(cfg.run.out_dir) / cfg.run.name
     print(f"\nresults: {out} (results.csv, summary.md, label_efficiency.png)")
     if (out / "report" / "index.html").exists():

@@ -5,9 +5,10 @@ and with ``data.folds = K`` the cross-validation fold) fine-tunes from it and re
 in its own folder. With folds, a cell's validation split is its fold and its training split the
 other K-1 folds; label fractions are drawn (nested, stratified) inside that training split; the test
 split is the same held-out set for every fold; pretraining sees every non-test image (label-free),
-as without folds it sees train+val. ``study.folds`` (or ``--fold``) runs some folds only. A killed study resumes where it
-stopped and never redoes a finished cell; a failed cell is recorded and the others go on (a rerun
-tries the failed cells again).
+as without folds it sees train+val. ``study.folds`` (or ``--fold``) runs some folds only.
+
+A killed study resumes where it stopped and never redoes a finished cell; a failed cell is recorded
+and the others go on (a rerun tries the failed cells again).
 
 ``study.inits`` entries: a pretext name (``mae``, ``spark``, ``simclr``), ``scratch`` (or ``none``),
 or a weights file; any of them may carry its own encoder, ``method:encoder`` (``spark:resnet18``,
@@ -459,7 +460,7 @@ def _paired_text(s: dict) -> str:
         return "–"
     from medmim.eval.report import p_text
 
-    return f"{s['delta_vs_scratch']:+.3f} ({p_text(s['p_wilcoxon'], s['n_pairs'])})"
+    return f"{s['delta_vs_scratch']:+.3f} ({p_text(s['p_wilcoxon'], s['n_pairs'], s.get('ties', 0))})"
 
 
 def _json_safe(obj):

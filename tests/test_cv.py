@@ -248,6 +248,11 @@ def test_paired_wilcoxon_matches_folds_and_seeds_against_scipy():
     mixed = [0.05, -0.01, 0.03, -0.06, 0.02, 0.04]
     t = paired_test(_cv_rows(mixed, scratch), "mae", "scratch", "full", 0.5, "auroc")
     assert t["p"] == pytest.approx(wilcoxon(mixed).pvalue) and t["wins"] == 4 and t["losses"] == 2
+    tied = [0.05, 0.0, 0.03, 0.0, 0.02, -0.01, 0.04]  # zero differences: left out of the test, as scipy does
+    trows = _cv_rows(tied, scratch + [0.7], folds=7, seeds=1)
+    t = paired_test(trows, "mae", "scratch", "full", 0.5, "auroc")
+    assert t["ties"] == 2 and t["p"] == pytest.approx(wilcoxon(tied).pvalue)
+    assert "n=7, 2 tied)" in le.format_table(add_paired(le.summarize_rows(trows, "auroc"), trows, "auroc"), "auroc")
     # pairing is by (fold, seed), not by seed: dropping fold 2's scratch cells leaves 4 pairs
     part = [r for r in rows if not (r["init"] == "scratch" and r["fold"] == 2)]
     assert paired_test(part, "mae", "scratch", "full", 0.5, "auroc")["n_pairs"] == 4
@@ -302,9 +307,9 @@ def test_tiny_cv_study_runs_folds_and_reports_wilcoxon(tmp_path):
     want = 1.0 if not any(d) else wilcoxon(d).pvalue
     assert summ["mae"]["p_wilcoxon"] == pytest.approx(want)
     md = (out / "summary.md").read_text()
-    assert "cells (folds × seeds)" in md and "n=6)" in md
+    assert "cells (folds × seeds)" in md and "n=6" in md and "6 (3 × 2)" in md
     html = (out / "report" / "index.html").read_text()
-    assert "Δ vs scratch (Wilcoxon)" in html and "(fold, seed)" in html
+    assert "Δ vs scratch (Wilcoxon)" in html and "(fold, seed)" in html and 'id="folds"' in html
     card = json.loads((out / "data_card.json").read_text())
     assert [f["patients"] for f in card["cross_validation"]["per_fold"]] == \
         [sum(1 for f2 in folds.values() if f2 == f) for f in range(3)]

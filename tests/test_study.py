@@ -59,6 +59,20 @@ def test_parse_init_entries():
         le.parse_init("byol")
     assert le.cell_name("mae", "full", 0.1, 2) == "mae-full-f0.1-s2"  # plain names keep today's folders
     assert le.cell_name("spark:resnet18", "linear", 1.0, 0) == "spark_resnet18-linear-f1-s0"
+    assert le.cell_name("mae", "full", 0.1, 2, fold=3) == "mae-full-f0.1-s2-fold3"  # cross-validation cells
+
+
+def test_study_folds_selection():
+    assert le.study_folds(load_config(None)) == [None]  # no cross-validation: one split
+    assert le.study_folds(load_config(None, ["data.folds=4"])) == [0, 1, 2, 3]
+    assert le.study_folds(load_config(None, ["data.folds=4", "finetune.fold=2"])) == [2]  # --fold 2
+    assert le.study_folds(load_config(None, ["data.folds=4", "study.folds=[3, 1]"])) == [1, 3]
+    with pytest.raises(ConfigError, match="study.folds=.*needs data.folds > 5"):
+        load_config(None, ["data.folds=4", "study.folds=[5]"])
+    # without folds a non-CV study's fingerprint is unchanged by the new (default) keys
+    cfg = load_config(None)
+    assert le.stage_fingerprint(cfg, ("data", "finetune")) == \
+        le.stage_fingerprint(with_overrides(cfg, ["data.folds=0"]), ("data", "finetune"))
 
 
 def test_init_config_carries_encoder_and_overrides(tmp_path):
@@ -84,7 +98,7 @@ def test_summary_mean_std_ci():
              "test_auroc": v} for s, v in enumerate([0.6, 0.7, 0.8])]
     rows.append({"init": "a", "mode": "full", "fraction": 0.1, "seed": 3, "status": "failed", "error": "x"})
     (s,) = le.summarize_rows(rows, "auroc")
-    assert s["n_seeds"] == 3 and s["failed"] == 1
+    assert s["n_seeds"] == 3 and s["n_cells"] == 3 and s["n_folds"] == 0 and s["failed"] == 1
     assert s["auroc_mean"] == pytest.approx(0.7) and s["auroc_std"] == pytest.approx(0.1)
     half = 4.302652729911275 * 0.1 / math.sqrt(3)  # t(0.975, df=2)
     assert s["ci95_low"] == pytest.approx(0.7 - half) and s["ci95_high"] == pytest.approx(0.7 + half)

@@ -135,7 +135,8 @@ def paired_test(rows: list[dict], init: str, scratch: str, mode: str, frac: floa
     diffs = [a[k] - b[k] for k in pairs]
     out = {"init": init, "scratch": scratch, "mode": mode, "fraction": frac, "n_pairs": len(pairs),
            "mean_diff": sum(diffs) / len(diffs) if diffs else float("nan"),
-           "wins": sum(d > 0 for d in diffs), "losses": sum(d < 0 for d in diffs), "p": None,
+           "wins": sum(d > 0 for d in diffs), "losses": sum(d < 0 for d in diffs), "ties": sum(d == 0 for d in diffs),
+           "p": None,
            "folds": len({k[0] for k in pairs if k[0] is not None})}
     if len(pairs) >= MIN_PAIRS:
         out["p"] = wilcoxon_p(diffs)
@@ -179,19 +180,20 @@ def add_paired(summary: list[dict], rows: list[dict], metric: str) -> list[dict]
         t = paired_test(rows, s["init"], partner, s["mode"], s["fraction"], metric) if partner else None
         ok = bool(t and t["n_pairs"])
         s.update(vs_scratch=partner if ok else None, delta_vs_scratch=t["mean_diff"] if ok else None,
-                 n_pairs=t["n_pairs"] if ok else 0, p_wilcoxon=t["p"] if ok else None)
+                 n_pairs=t["n_pairs"] if ok else 0, ties=t["ties"] if ok else 0, p_wilcoxon=t["p"] if ok else None)
     return summary
 
 
-def p_text(p: float | None, n_pairs: int) -> str:
-    """The Wilcoxon p-value as printed beside a difference (``n too small`` below MIN_PAIRS)."""
+def p_text(p: float | None, n_pairs: int, ties: int = 0) -> str:
+    """The Wilcoxon p-value as printed beside a difference (``n too small`` below MIN_PAIRS);
+    ``ties``: pairs with a zero difference, which the test leaves out (scipy's default)."""
     if p is None:
         return f"n too small (n={n_pairs}; needs ≥{MIN_PAIRS})"
-    return (f"p = {p:.3f}" if p >= 0.001 else "p < 0.001") + f", n={n_pairs}"
+    return (f"p = {p:.3f}" if p >= 0.001 else "p < 0.001") + f", n={n_pairs}" + (f", {ties} tied" if ties else "")
 
 
 def _p_text(t: dict) -> str:
-    return p_text(t["p"], t["n_pairs"])
+    return p_text(t["p"], t["n_pairs"], t.get("ties", 0))
 
 
 def _delta_html(delta: float, t: dict | None) -> str:
@@ -536,6 +538,17 @@ def _data_card_html(card: dict | None, class_names: list[str] | None = None) -> 
                                                                         for c in classes]]
             for s, v in splits.items()]
     out += _table(head, rows, "data-card")
+    cv = card.get("cross_validation")
+    if cv and cv.get("per_fold"):
+        fold_classes = sorted({c for f in cv["per_fold"] for c in (f.get("classes") or {})})
+        out += (f"<p>Cross-validation: {_num(cv.get('folds'))} folds of the non-test patients (grouped by patient, "
+                f"stratified); each cell validates on its fold and trains on the others; the test split "
+                f"({_num(cv.get('test_images'))} images) is held out for every fold.</p>")
+        out += _table(["fold", "images", "patients"] + [f"class {c}" + (f" ({names[c]})" if c in names else "")
+                                                        for c in fold_classes],
+                      [[_num(f.get("fold")), _num(f.get("images")), _num(f.get("patients")),
+                        *[_num((f.get("classes") or {}).get(c, 0)) for c in fold_classes]] for f in cv["per_fold"]],
+                      "folds")
     sizes = card.get("size_histogram")
     if sizes:
         out += "<p class='muted'>image sizes: " + ", ".join(f"{_e(k)} ({_e(v)})" for k, v in list(sizes.items())[:8]) \
@@ -654,13 +667,14 @@ def render_html(study: Path, curve: str | None, grids: list[tuple[str, str, str]
         n_flag = sum(1 for r in rows if r.get("cell") in flags and (r.get("init"), r.get("mode"), r.get("fraction"))
                      == (s["init"], s["mode"], s["fraction"]))
         count = f"{n} ({s.get('n_folds')} × {s.get('n_seeds')})" if cv else _num(n)
-        t = {"p": s.get("p_wilcoxon"), "n_pairs": s.get("n_pairs") or 0}
+        t = {"p": s.get("p_wilcoxon"), "n_pairs": s.get("n_pairs") or 0, "ties": s.get("ties") or 0}
         delta = _delta_html(s["delta_vs_scratch"], t) + f" <span class='muted'>vs {_e(s['vs_scratch'])}</span>" \
             if s.get("vs_scratch") else "–"
         srows.append([_e(s["init"]), _e(s["mode"]), _frac(s["fraction"]),
                       _num(s.get("n_labelled")), _num(m), sd, ci, count, delta, _num(s.get("failed")),
                       f"<span class='neg'>{n_flag}</span>" if n_flag else "0"])
-    parts.append(_table(["init", "mode", "fraction", "labelled images", f"{metric} mean", "std", f"95% CI ({unit})",
+    parts.append(_table(["init", "mode", "fraction", "labelled images", f"{metric} mean", "std",
+                         "95% CI (cells)" if cv else "95% CI (seeds)",
                          unit, "Δ vs scratch (Wilcoxon)", "failed", "degenerate"], srows, "summary"))
     parts.append(f"<p class='muted'>95% CI: t-interval over the {unit}' test values (shown from 2 on)"
                  + (": the folds share training patients, so treat it as optimistic" if cv else "")
@@ -693,7 +707,8 @@ def render_html(study: Path, curve: str | None, grids: list[tuple[str, str, str]
                      "p-value is given; a Δ is coloured only when p &lt; 0.05.</p>")
     if curve:
         parts.append(f"<figure><img src='{_e(curve)}' alt='label-efficiency curve'><figcaption>Test {_e(metric)} "
-                     "against the number of labelled images (log scale); band: 95% CI over seeds.</figcaption></figure>")
+                     "against the number of labelled images (log scale); band: 95% CI over "
+                     + ("folds × seeds" if cv else "seeds") + ".</figcaption></figure>")
 
     if ctx["per_class"]:
         parts.append("<h2>Per-class metrics</h2>")
@@ -702,8 +717,9 @@ def render_html(study: Path, curve: str | None, grids: list[tuple[str, str, str]
                 _ci_cell(p["auroc"]), _ci_cell(p["sensitivity"]), _ci_cell(p["precision"]),
                 _num(max(p["auroc"]["n"], p["sensitivity"]["n"]))] for p in ctx["per_class"]]
         parts.append(_table(["mode", "fraction", "init", "class", "AUROC (one-vs-rest)", "sensitivity (recall)",
-                             "precision (PPV)", "seeds"], pcr, "per-class"))
-        parts.append("<p class='muted'>Mean over seeds [95% CI: t-interval over seeds]; with one seed, the "
+                             "precision (PPV)", "cells" if cv else "seeds"], pcr, "per-class"))
+        over = "cells (folds × seeds)" if cv else "seeds"
+        parts.append(f"<p class='muted'>Mean over {over} [95% CI: t-interval over {over}]; with one cell, the "
                      "percentile bootstrap CI over the test images of that cell. Sensitivity and precision of the "
                      "argmax decision (multi-label: each output at 0.5).</p>")
 
