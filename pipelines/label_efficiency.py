@@ -356,10 +356,14 @@ def _init_weights(cfg: Config, data: DataBundle, root: RunDir, runtime: Runtime,
 
 # ---- data card -------------------------------------------------------------------------------------
 def data_card(cfg: Config, data: DataBundle) -> dict[str, Any]:
-    """Counts per split and class (images, patients); never an identifier (medmim.data.card)."""
+    """Counts per split and class (images, patients); never an identifier (medmim.data.card). With
+    cross-validation the non-test images count as one part, "cv folds" (the source's own train/val
+    division is not used), and ``cross_validation`` gives each fold's counts."""
     from medmim.data.card import build_card
 
     records = [r for split in data.records.values() for r in split]
+    if data.folds:
+        records = [dict(r, split="cv folds") for r in data.fold_records] + data.split("test")
     card = build_card(records, name=cfg.run.name, source=data.source, modality=cfg.data.modality,
                       skipped=data.skipped, pool=data.pool_info or None)
     card["preset"] = data.preset

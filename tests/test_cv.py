@@ -311,6 +311,8 @@ def test_tiny_cv_study_runs_folds_and_reports_wilcoxon(tmp_path):
     html = (out / "report" / "index.html").read_text()
     assert "Δ vs scratch (Wilcoxon)" in html and "(fold, seed)" in html and 'id="folds"' in html
     card = json.loads((out / "data_card.json").read_text())
+    assert set(card["splits"]) == {"cv folds", "test"}
+    assert card["splits"]["cv folds"]["images"] == sum(f["images"] for f in card["cross_validation"]["per_fold"])
     assert [f["patients"] for f in card["cross_validation"]["per_fold"]] == \
         [sum(1 for f2 in folds.values() if f2 == f) for f in range(3)]
     # resumable: a rerun finds every cell done
