@@ -399,14 +399,14 @@ def _pipeline(tmp_path, dims: int, channels: list[str], method: str, encoder: st
     assert set(pr) == set(ev)
     for key in ev:
         np.testing.assert_allclose(pr[key], ev[key], atol=1e-5, err_msg=key)
-    return run / "finetune", manifest, rows
+    return run / "finetune", manifest, rows, pr
 
 
 def test_2d_four_sequences_mae_pretrain_finetune_predict_equals_evaluate(tmp_path, capsys):
     from medmim.cli import main
 
     channels = ["t1", "t2", "flair", "adc"]
-    run, manifest, rows = _pipeline(tmp_path, 2, channels, "mae", "vit_tiny", "data.channel_dropout=0.25")
+    run, manifest, rows, _ = _pipeline(tmp_path, 2, channels, "mae", "vit_tiny", "data.channel_dropout=0.25")
     # a wrong channel count is refused with one line naming the file: one PNG (1 channel) for a 4-channel model
     one = manifest.parent / rows[0]["image_t1"]
     capsys.readouterr()
@@ -425,8 +425,22 @@ def test_2d_four_sequences_mae_pretrain_finetune_predict_equals_evaluate(tmp_pat
     assert len(err) == 1 and "short.csv" in err[0] and "image_flair" in err[0]
 
 
-def test_3d_two_sequences_spark_on_a_cnn(tmp_path):
-    _pipeline(tmp_path, 3, ["t2", "adc"], "spark", "resnet18", "pretrain.backend=dense")
+def test_3d_two_sequences_spark_on_a_cnn_and_a_4d_nifti_predicts_like_its_files(tmp_path):
+    """...and the same case given as one 4D NIfTI (channels on the last axis, written with nibabel)
+    gets the probabilities of its two files."""
+    import nibabel as nib
+
+    from medmim.cli import main
+
+    run, manifest, rows, pr = _pipeline(tmp_path, 3, ["t2", "adc"], "spark", "resnet18", "pretrain.backend=dense")
+    t2 = nib.load(str(manifest.parent / rows[0]["image_t2"]))
+    adc = nib.load(str(manifest.parent / rows[0]["image_adc"]))
+    both = np.stack([np.asarray(t2.dataobj), np.asarray(adc.dataobj)], -1)
+    four_d = tmp_path / "case_4d.nii.gz"
+    nib.save(nib.Nifti1Image(both, t2.affine, t2.header), str(four_d))
+    assert main(["predict", str(run), str(four_d), "-o", str(tmp_path / "pr4d")]) == 0
+    got = _probs(tmp_path / "pr4d" / "predictions.csv", ["0", "1"])[str(four_d.resolve())]
+    np.testing.assert_allclose(got, pr[str((manifest.parent / rows[0]["image_t2"]).resolve())], atol=1e-5)
 
 
 def test_3d_four_sequences_mae_and_2d_two_sequences_simclr(tmp_path):
