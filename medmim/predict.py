@@ -18,8 +18,8 @@ training. Multi-channel runs (``data.channels``) take one multi-channel file per
 or a manifest (``.csv`` / ``.jsonl``) whose rows give each case's channel files (``image_<name>``
 columns or an ``image`` list, read as training reads them), or a DICOM study folder per case (its
 series picked per channel by SeriesDescription); an input whose channel count differs from the
-model's is refused with one line naming the file. A file that cannot be used gets one error line and is listed in ``errors.csv``; the
-other inputs still get their predictions.
+model's is refused with one line naming the file. A file that cannot be used gets one error line and
+is listed in ``errors.csv``; the other inputs still get their predictions.
 """
 
 from __future__ import annotations

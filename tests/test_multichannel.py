@@ -61,7 +61,8 @@ def hand_normalised(x: np.ndarray, p: int) -> np.ndarray:
 
 def test_normalise_patches_is_per_channel_against_a_hand_computation():
     rng = np.random.default_rng(0)
-    x = rng.normal(size=(3, 8, 12)) * np.array([1.0, 100.0, 0.01])[:, None, None] + np.array([0, 500, -3])[:, None, None]
+    scale, shift = np.array([1.0, 100.0, 0.01])[:, None, None], np.array([0, 500, -3])[:, None, None]
+    x = rng.normal(size=(3, 8, 12)) * scale + shift
     t = patchify(torch.as_tensor(x[None]), 4)
     normed, mean, std = normalise_patches(t, channels=3)
     want = hand_normalised(x, 4)  # (N, 16, 3): patchify's layout is (p, p, C) within a patch
@@ -544,6 +545,7 @@ def test_predict_takes_a_dicom_study_folder_as_one_case_and_equals_evaluate(tmp_
     save_checkpoint({"model": model.state_dict(), "epoch": 0}, run / "finetune" / "checkpoints" / "best.pt")
     assert main(["evaluate", str(run), "--split", "test", "-o", str(tmp_path / "ev")]) == 0
     assert main(["predict", str(run), str(study), "-o", str(tmp_path / "pr")]) == 0
-    ev, pr = _probs(tmp_path / "ev" / "predictions.csv", ["0", "1"]), _probs(tmp_path / "pr" / "predictions.csv", ["0", "1"])
+    ev = _probs(tmp_path / "ev" / "predictions.csv", ["0", "1"])
+    pr = _probs(tmp_path / "pr" / "predictions.csv", ["0", "1"])
     assert list(pr) == list(ev) == [str(study.resolve())]
     np.testing.assert_allclose(pr[str(study.resolve())], ev[str(study.resolve())], atol=1e-5)
