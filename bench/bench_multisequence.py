@@ -63,6 +63,7 @@ def main() -> None:
     ap.add_argument("--patients", type=int, default=160)
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--dropout-only", action="store_true", help="only the four-sequence runs (dropout 0 and 0.2)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     from medmim.data.phantoms import PhantomSpec, generate
@@ -70,6 +71,8 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="medmim_mc_"))
     manifest = generate(work / "data", 2, PhantomSpec(n_patients=args.patients, sequences=tuple(SEQS)))
     sets = [(SEQS, 0.0), (SEQS, 0.2), (["t2", "flair"], 0.0), (["flair"], 0.0), (["t2"], 0.0)]
+    if args.dropout_only:
+        sets = sets[:2]
     rows = []
     for channels, dropout in sets:
         for seed in args.seeds:
