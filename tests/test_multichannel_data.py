@@ -590,6 +590,12 @@ def test_dicom_manifest_by_study_reads_as_channels(tmp_path, capsys):
     assert [Path(r["image"]).name for r in recs] == ["other", "pt0", "pt1"]  # flat/other: a folder of its own
     assert all(r["patient_id"].startswith("pt-") for r in recs)
     assert "PID" not in out.read_text()  # salted ids only
+    from medmim.data.card import build_card
+
+    card = build_card(recs[1:], name="study", channels=[{"name": c.name, "series": c.series} for c in dc.channels])
+    assert card["geometry_sampled"]["unreadable"] == 0 and card["phi_scan"]["files_scanned"] == 24
+    assert card["phi_scan"]["tags_with_values"]["PatientID"] == 24  # counted, never copied
+    assert "PID-" not in json.dumps(card)
     for r in recs[1:]:
         p = int(Path(r["image"]).name[2:])
         x = LoadRecordd.of(dc, ["image"])({"image": r["image"]})["image"]
@@ -606,3 +612,23 @@ def test_a_channel_file_in_two_splits_is_leakage(tmp_path):
     recs[6]["image"][1] = recs[0]["image"][1]  # a test case reusing a train case's flair file
     with pytest.raises(DataError, match=r"1 image file\(s\) appear in more than one split .*p0_flair.png"):
         check_leakage(recs)
+
+
+GE = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "dicom_mr_ge_epi"
+
+
+@pytest.mark.skipif(not GE.exists(), reason="../shared/datasets/dicom_mr_ge_epi not present")
+def test_real_4d_dicom_series_time_points_as_channels():
+    """Cine/fMRI: the time points of a real 4D series (GE EPI, 64×64×15×10) as channels, equal to the
+    dcm2niix reference (through nibabel) per channel."""
+    import nibabel as nib
+
+    ref = nib.as_closest_canonical(nib.load(str(GE / "reference" / "dcm2niix_series5.nii")))
+    data = np.asarray(ref.dataobj)
+    names = ",".join(f"t{i}" for i in range(10))
+    out = LoadRecordd.of(_dc("data.spatial_dims=3", f"data.channels=[{names}]"), ["image"])(
+        {"image": str(GE / "series")})["image"]
+    assert out.shape == (10, 64, 64, 15)
+    for c in range(10):
+        np.testing.assert_array_equal(out[c].numpy(), data[..., c])
+    np.testing.assert_allclose(np.asarray(out.affine), ref.affine, atol=1e-3)

@@ -435,10 +435,11 @@ def series_files(folder: str | Path, series_uid: str | None, pattern: str | None
     return select_series(series, folder, uid=series_uid, pattern=pattern, channel=channel).files
 
 
-def study_series_files(folder: str | Path, channels) -> list[list[Path]]:
+def study_series_files(folder: str | Path, channels, series: dict[str, SeriesInfo] | None = None) -> list[list[Path]]:
     """A DICOM study folder as channels: for each ``data.channels`` entry, the files of the series whose
-    SeriesDescription matches its ``series`` pattern (default ``*<name>*``); see ``select_series``."""
-    series = scan_folder(folder, salt="", skipped=[])
+    SeriesDescription matches its ``series`` pattern (default ``*<name>*``); see ``select_series``.
+    ``series``: the folder's ``scan_folder`` result, when the caller has it."""
+    series = scan_folder(folder, salt="", skipped=[]) if series is None else series
     out = []
     for c in channels:
         pattern = c.series if c.series is not None else f"*{c.name}*"

@@ -307,8 +307,10 @@ def read_channels(ref, channels, *, spatial_dims: int, channel_axis: int = -1, s
     """A multi-channel case as ``(C, *spatial)`` float32 with the first channel's affine.
 
     ``ref``: a list of C references (one per channel, read each with ``read_image``); one multi-channel
-    file or array (``channel_axis`` holds the C channels); or a DICOM study folder (per channel the
-    series whose SeriesDescription matches ``ChannelSpec.series``, default ``*<name>*``). ``channels``:
+    file or array (``channel_axis`` holds the C channels; a folder holding one 4D DICOM series, when no
+    channel names a ``series`` pattern, is such a file: its time points are the channels); or a DICOM
+    study folder (per channel the series whose SeriesDescription matches ``ChannelSpec.series``,
+    default ``*<name>*``). ``channels``:
     the ``data.channels`` entries. Each channel is checked (``checks.validate``) before it is resampled."""
     from medmim.data.checks import channel_first, validate
 
@@ -326,11 +328,18 @@ def read_channels(ref, channels, *, spatial_dims: int, channel_axis: int = -1, s
             parts.append((name, str(r), img, has_geometry(r, spatial_dims)))
         return _stack(parts, spatial_dims, case)
     text = str(ref) if isinstance(ref, (str, Path)) else None
+    study = None
     if text is not None and not NPZ_REF.match(text) and Path(text).is_dir() and not series_id:
+        from medmim.data.dicom import scan_folder
+
+        study = scan_folder(text, salt="", skipped=[])
+        if len(study) == 1 and not any(c.series for c in channels):
+            series_id, study = next(iter(study)), None  # one (4D) series: its extra axis holds the channels
+    if study is not None:
         from medmim.data.dicom import read_series, study_series_files
 
         parts = []
-        for c, files in zip(channels, study_series_files(text, channels)):
+        for c, files in zip(channels, study_series_files(text, channels, study)):
             where = _channel_where(text, c.name)
             arr, affine, _meta = read_series(files, frame=frame, name=where)
             img = MetaTensor(torch.as_tensor(arr)) if affine is None else \
