@@ -310,8 +310,8 @@ def read_channels(ref, channels, *, spatial_dims: int, channel_axis: int = -1, s
     file or array (``channel_axis`` holds the C channels; a folder holding one 4D DICOM series, when no
     channel names a ``series`` pattern, is such a file: its time points are the channels); or a DICOM
     study folder (per channel the series whose SeriesDescription matches ``ChannelSpec.series``,
-    default ``*<name>*``). ``channels``:
-    the ``data.channels`` entries. Each channel is checked (``checks.validate``) before it is resampled."""
+    default ``*<name>*``). ``channels``: the ``data.channels`` entries. Each channel is checked
+    (``checks.validate``) before it is resampled."""
     from medmim.data.checks import channel_first, validate
 
     names = [c.name for c in channels]
