@@ -358,6 +358,10 @@ class AnomalyConfig(Section):
     texture_sigmas: list[float] = [1.0, 2.0]  # texture atlas: Gaussian blurs bounding its detail bands (pixels)
     texture_pool: int = Field(2, ge=1)  # texture atlas: region edge (pixels / voxels)
     texture_side: Literal["deficit", "excess", "both"] = "deficit"  # texture atlas: less / more detail than normal
+    texture_stats: Literal["mean_std", "median_mad"] = "mean_std"  # texture atlas: each region's normal centre
+    # and scale: mean / std, or median / 1.4826 MAD (robust to a few unusual normal images)
+    texture_top: float = Field(1.0, gt=0, le=1)  # texture atlas: image score = mean of this share of the
+    # regions with the highest map (1: all regions)
     batch_size: int = Field(64, ge=1)  # images per scoring batch (times num_masks model inputs)
     max_heatmaps: int = Field(24, ge=0)  # heatmap files written per scored split (0: none)
 

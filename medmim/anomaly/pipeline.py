@@ -140,7 +140,14 @@ def settings_key(s: ScoreSettings, cfg: Config | None = None) -> dict:
 
 def texture_key(cfg: Config) -> dict:
     a = cfg.anomaly
-    return {"sigmas": [float(v) for v in a.texture_sigmas], "pool": a.texture_pool, "side": a.texture_side}
+    return {"sigmas": [float(v) for v in a.texture_sigmas], "pool": a.texture_pool, "side": a.texture_side,
+            "stats": a.texture_stats, "top": a.texture_top}
+
+
+def new_atlas(cfg: Config) -> TextureAtlas:
+    """An unfitted atlas with the ``anomaly.texture_*`` settings."""
+    k = texture_key(cfg)
+    return TextureAtlas(k["sigmas"], k["pool"], k["side"], k["stats"], k["top"])
 
 
 def texture_atlas(cfg: Config, data: DataBundle, run_dir: Path | None = None, train_items: list[dict] | None = None,
@@ -150,13 +157,13 @@ def texture_atlas(cfg: Config, data: DataBundle, run_dir: Path | None = None, tr
     key = texture_key(cfg)
     path = run_dir / ATLAS_NAME if run_dir is not None else None
     if path is not None and path.exists():
-        atlas = TextureAtlas.load(path, side=key["side"])
-        if atlas.sigmas == key["sigmas"] and atlas.pool == key["pool"]:
+        atlas = TextureAtlas.load(path, side=key["side"], top=key["top"])
+        if atlas.sigmas == key["sigmas"] and atlas.pool == key["pool"] and atlas.stats == key["stats"]:
             return atlas
         log(f"[anomaly] {path.name} was learned with other texture settings: learning the atlas again")
     if train_items is None:
         train_items, _ = load_split(cfg, data, "train", normal_only=True)
-    return TextureAtlas(key["sigmas"], key["pool"], key["side"]).fit(train_items)
+    return new_atlas(cfg).fit(train_items)
 
 
 # ---- scoring a split ----------------------------------------------------------------------------
@@ -266,7 +273,7 @@ def train_anomaly(cfg: Config, *, resume: bool = False, log: Callable[[str], Non
     fit(PretrainTask(model), loader, pc, run, runtime, val_loader=val_loader, monitor=None, resume=resume,
         stage="anomaly:train", log=log)
     train_time = time.time() - t0
-    atlas = TextureAtlas(ac.texture_sigmas, ac.texture_pool, ac.texture_side).fit(train_items)
+    atlas = new_atlas(cfg).fit(train_items)
     if run.writer:
         atlas.save(run.path / ATLAS_NAME)
 
