@@ -3,6 +3,8 @@
 Every candidate is scored on val (where the choice is made) and on test (reported, never used to
 choose). The rows are the issue-17 directions:
 
+* ``baseline``: the sanity baselines every evaluation reports (image statistics, both signs; the
+  untrained model is the ``untrained`` row of each family below);
 * ``atlas``: the normal-texture atlas (medmim/anomaly/texture.py) over a grid of detail bands, region
   sizes, statistics (mean / std, median / MAD) and image scores (mean of all regions, worst quarter);
 * ``mae``: the run's MAE (and the same MAE untrained), 1 - SSIM under covering masks, as
@@ -34,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from medmim.anomaly import pipeline as P
+from medmim.anomaly.baselines import statistic_scores
 from medmim.anomaly.scoring import ScoreSettings, score_items
 from medmim.anomaly.texture import TextureAtlas, centre_and_scale
 from medmim.config import load_config
@@ -114,6 +117,11 @@ def main() -> None:
         rows.append(row)
         print(f"{family:13s} {name:58s} val {row['val']:.4f} test {row['test']:.4f}  ({time.time() - t0:.0f} s)",
               flush=True)
+
+    # ---- the sanity baselines (no learning) ----------------------------------------------------------
+    stats_ = {s: statistic_scores(items[s]) for s in ("val", "test")}
+    for name in stats_["val"]:
+        add("baseline", f"image statistic {name}", {s: stats_[s][name] for s in stats_})
 
     # ---- the texture atlas over its grid ----------------------------------------------------------
     atlas_scores: dict[tuple, dict[str, np.ndarray]] = {}
