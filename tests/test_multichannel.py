@@ -446,7 +446,8 @@ def test_3d_two_sequences_spark_on_a_cnn_and_a_4d_nifti_predicts_like_its_files(
 
 def test_3d_four_sequences_mae_and_2d_two_sequences_simclr(tmp_path):
     _pipeline(tmp_path / "mae3d", 3, ["t1", "t2", "flair", "adc"], "mae", "vit_tiny")
-    _pipeline(tmp_path / "simclr2d", 2, ["t2", "flair"], "simclr", "resnet18", "data.channel_dropout=0.3")
+    _pipeline(tmp_path / "simclr2d", 2, ["t2", "flair"], "simclr", "resnet18", "data.channel_dropout=0.3",
+              "data.augment=sample")  # the per-sample chain, channel dropout included
 
 
 def test_3d_two_sequence_segmentation_predicts_masks_on_the_first_channels_grid(tmp_path):
