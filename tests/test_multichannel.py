@@ -200,6 +200,41 @@ def test_rgb_weights_into_a_c_channel_encoder_see_a_repeated_image_as_rgb_sees_i
                                    rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["resnet18", "vit_tiny"])
+def test_a_medmim_export_for_other_channels_is_refused_in_one_line(name, tmp_path):
+    """A medmim export is never adapted like public RGB weights: another channel count, or the same
+    channels in another order, is refused naming the file; the export's own channels load exactly."""
+    from medmim.errors import MedmimError
+    from medmim.models.export import export_encoder
+    from medmim.models.pretrained import load_pretrained
+
+    kw = dict(patch_size=4, embed_dim=32, depth=1, num_heads=2) if name == "vit_tiny" else \
+        dict(base_channels=8, small_input=True, num_stages=2)
+
+    def enc(c):
+        return build_encoder(name, spatial_dims=2, in_channels=c, img_size=16, **kw)
+
+    gray = export_encoder(enc(1), tmp_path / "gray", {"channels": [{"name": "image", "preset": "uint8"}]})
+    with pytest.raises(MedmimError) as exc:
+        load_pretrained(enc(4), gray, verbose=False, channels=["t1", "t2", "flair", "adc"])
+    line = str(exc.value)
+    assert "\n" not in line and line.startswith(str(gray)) and "1 input channel" in line and "takes 4" in line
+    src = enc(2)
+    two = export_encoder(src, tmp_path / "two", {"channels": [{"name": "t1", "preset": "uint8"},
+                                                              {"name": "flair", "preset": "uint8"}]})
+    with pytest.raises(MedmimError, match="2 input channel.*takes 3"):
+        load_pretrained(enc(3), two, verbose=False)
+    with pytest.raises(MedmimError, match="another order"):
+        load_pretrained(enc(2), two, verbose=False, channels=["flair", "t1"])
+    dst = enc(2)
+    assert load_pretrained(dst, two, verbose=False, channels=["t1", "flair"]).ok
+    assert all(torch.equal(a, b) for a, b in zip(dst.state_dict().values(), src.state_dict().values()))
+    # without its sidecar the file still says it is a medmim export: the stem's channels are checked
+    (tmp_path / "gray" / "encoder.json").unlink()
+    with pytest.raises(MedmimError, match="1 input channel.*takes 2"):
+        load_pretrained(enc(2), gray, verbose=False)
+
+
 # ---- channel dropout ---------------------------------------------------------------------------------
 def _pattern_law(c: int, q: float) -> dict[tuple, float]:
     """Exact law of the keep pattern: independent drops at rate q, given not all dropped."""

@@ -74,6 +74,55 @@ def export_encoder(encoder: nn.Module, out_dir: str | Path, meta: dict[str, Any]
     return weights
 
 
+def export_sidecar(path: str | Path) -> dict[str, Any] | None:
+    """The sidecar of a medmim export (``encoder.json`` beside ``encoder.safetensors``, format
+    ``medmim-encoder-v1``); ``{}`` for a medmim export whose sidecar is gone (the safetensors metadata
+    says so); None for any other weights file (public layouts)."""
+    import json
+
+    path = Path(path)
+    fmt = None
+    if path.suffix == ".safetensors" and path.is_file():
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), "pt") as fh:
+                fmt = (fh.metadata() or {}).get("format")
+        except Exception:  # noqa: BLE001 - not readable here: load_state reports it
+            fmt = None
+    side_path = path.with_name(SIDECAR_NAME)
+    if (path.name == WEIGHTS_NAME or fmt == "medmim-encoder-v1") and side_path.is_file():
+        try:
+            side = json.loads(side_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            side = None
+        if isinstance(side, dict) and side.get("format") == "medmim-encoder-v1":
+            return side
+    return {} if fmt == "medmim-encoder-v1" else None
+
+
+def check_export_channels(path: str | Path, side: dict[str, Any], file_channels: int | None, in_channels: int,
+                          channel_names: list[str] | None = None) -> None:
+    """Refuse, in one line naming the file, a medmim export whose input channels are not the run's:
+    another count (``in_channels`` of the sidecar, else ``file_channels``, the stem's), or the same
+    channels in another order. A stem is adapted to C channels only for public (RGB / grayscale)
+    weights, where channel order carries no meaning; a medmim export's channels are named sequences."""
+    n_file = side.get("in_channels") or file_channels
+    names_file = [c.get("name") for c in side.get("channels") or [] if isinstance(c, dict)]
+    names = list(channel_names or [])
+
+    def listed(n, nm):
+        return f"{n} input channel(s)" + (f" ({', '.join(map(str, nm))})" if nm else "")
+
+    if n_file is not None and int(n_file) != int(in_channels):
+        raise MedmimError(f"{path}: a medmim export for {listed(n_file, names_file)}, this run's encoder takes "
+                          f"{listed(in_channels, names)}; pretrain with the same data.channels (a medmim "
+                          "export's channels are not adapted)")
+    if names_file and names and names_file != names and sorted(names_file) == sorted(names):
+        raise MedmimError(f"{path}: a medmim export for channels {', '.join(names_file)}, this run declares "
+                          f"{', '.join(names)} (another order); list data.channels in the export's order")
+
+
 def load_state(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a weights file without ever executing pickled code."""
     path = Path(path)

@@ -38,6 +38,9 @@ Tensor adaptation to the encoder:
   the RGB network gives to that gray image shown as RGB); for C channels (C != 3) every channel gets
   the averaged filter, sum / C (the same image on all C channels gives that response again; channel
   order carries no colour meaning in multi-sequence MRI). A 1-channel stem is repeated, divided by C.
+  medmim's own exports (``encoder.json`` beside the weights) are never adapted: one made for
+  other input channels (another count, or the run's channel names in another order) is refused
+  in one line naming the file.
 * position embeddings: prefix tokens (class, distillation, register) are dropped (medmim's ViT has
   none: it pools the patch tokens), and the grid is interpolated to the encoder's (bicubic in 2D,
   trilinear in 3D, as the ViT itself does). The embedding becomes the encoder's *learned* position
@@ -65,7 +68,7 @@ import torch
 from torch import nn
 
 from medmim.errors import MedmimError
-from medmim.models.export import KeyReport, apply_state, load_state
+from medmim.models.export import KeyReport, apply_state, check_export_channels, export_sidecar, load_state
 from medmim.models.vit import resample_position_grid
 
 LAYOUTS = ("medmim", "monai-vit", "mae", "timm-vit", "resnet", "convnext", "timm-convnext")
@@ -339,12 +342,22 @@ def convert_state(state: dict[str, torch.Tensor], encoder: nn.Module, *, inflate
 
 
 def load_pretrained(encoder: nn.Module, path: str | Path, *, inflate: bool = False, allow_partial: bool = False,
-                    verbose: bool = True, log: Callable[[str], None] = print) -> KeyReport:
+                    verbose: bool = True, log: Callable[[str], None] = print,
+                    channels: list[str] | None = None) -> KeyReport:
     """Load a weights file of any layout above into ``encoder``; print the key report.
 
     Raises MedmimError when any encoder weight stays unset (missing, shape-mismatched) or a file
-    weight of the encoder has no medmim counterpart, unless ``allow_partial``."""
-    conv = convert_state(read_state(path), encoder, inflate=inflate)
+    weight of the encoder has no medmim counterpart, unless ``allow_partial``. A medmim export
+    (``encoder.json`` beside it) made for other input channels than the encoder's (another count,
+    or ``channels``, the run's channel names, in another order) is refused: only public weights'
+    stems are adapted to C channels."""
+    state = read_state(path)
+    side = export_sidecar(path)
+    if side is not None:
+        stem = next((state[k] for k in STEM_KEYS if k in state and state[k].dim() >= 3), None)
+        check_export_channels(path, side, None if stem is None else int(stem.shape[1]),
+                              int(getattr(encoder, "in_channels", 1)), channels)
+    conv = convert_state(state, encoder, inflate=inflate)
     report = apply_state(encoder, conv.state, path)
     outside = set(conv.dropped)
     extra = [k for k in report.unexpected if k not in outside]

@@ -200,7 +200,8 @@ def supervised_stage(head: SupervisedHead, cfg: Config, data: DataBundle, run: R
     report = None
     if init is not None:
         # any layout (medmim, MONAI, MAE, SparK, timm, torchvision); the key report is printed
-        report = load_pretrained(encoder, init, inflate=fc.init_inflate, allow_partial=fc.init_allow_partial)
+        report = load_pretrained(encoder, init, inflate=fc.init_inflate, allow_partial=fc.init_allow_partial,
+                                 channels=cfg.data.channel_names)
         log(f"[{head.stage}] init from {Path(init).name}: {report.summary().splitlines()[0]}")
         if not report.matched:
             raise MedmimError(f"{init}: no weights matched the encoder ({cfg.encoder.name})")
