@@ -396,6 +396,15 @@ def test_describe_failure_names_the_case_and_channel(tmp_path):
     assert info["file"] == rec["image"][0]  # a case is named by its first channel's file
 
 
+def test_a_bad_label_of_a_multichannel_case_names_its_row_and_first_channel(tmp_path):
+    man = _two_channel_set(tmp_path)
+    text = man.read_text().replace("p2_t1.png,p2_flair.png,0,", "p2_t1.png,p2_flair.png,oops,")
+    man.write_text(text)
+    with pytest.raises(DataError) as exc:
+        prepare_data(_cfg_mc(man))
+    assert str(exc.value).startswith(f"m.csv row 4 ({tmp_path / 'p2_t1.png'}): label 'oops'")
+
+
 def test_data_card_and_check_record_channels(tmp_path, capsys):
     from medmim.cli import main
 

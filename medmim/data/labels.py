@@ -22,10 +22,11 @@ from medmim.errors import DataError
 
 
 def where(record: dict) -> str:
-    """A short locator for messages: manifest row (when known) and the file."""
-    ref = record.get("source") or record.get("image")
-    ref = "<array>" if ref is not None and not isinstance(ref, (str, bytes)) and not hasattr(ref, "__fspath__") \
-        else str(ref)
+    """A short locator for messages: manifest row (when known) and the file (a multi-channel case:
+    its first channel's file, ``manifest.case_name``)."""
+    from medmim.data.manifest import case_name
+
+    ref = record.get("source") or case_name(record)
     row = record.get("_row")
     return f"{row} ({ref})" if row else ref
 
