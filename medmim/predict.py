@@ -63,17 +63,21 @@ def _stem(path: Path) -> str:
 @dataclass(frozen=True)
 class Input:
     """One model input: a file, or a DICOM series (``path`` = its folder, ``series_id`` = its UID), or
-    the channel files of one case (``files``, from a manifest row; ``path`` = the first channel's)."""
+    the channel files of one case (``files``, from a manifest row; ``path`` = the first channel's);
+    ``frame``: a manifest row's time point of a 4D file or series."""
 
     path: Path
     series_id: str | None = None
     files: tuple[str, ...] | None = None
+    frame: int | None = None
 
     def record(self) -> dict:
         """The record the deterministic chain reads (the same keys a manifest row has)."""
         rec = {"image": list(self.files) if self.files else str(self.path)}
         if self.series_id:
             rec["series_id"] = self.series_id
+        if self.frame is not None:
+            rec["frame"] = self.frame
         return rec
 
     def paths(self) -> list[Path]:
@@ -81,7 +85,8 @@ class Input:
 
     @property
     def name(self) -> str:
-        return self.path.name if not self.series_id else f"{self.path.name}_{self.series_id[-8:]}"
+        name = self.path.name if not self.series_id else f"{self.path.name}_{self.series_id[-8:]}"
+        return name if self.frame is None else f"{name}_t{self.frame}"
 
 
 def _looks_dicom(path: Path) -> bool:
@@ -98,10 +103,11 @@ def manifest_inputs(path: Path, channels=None) -> list[Input]:
     out = []
     for row in rows:
         image, series = row["image"], str(row.get("series_id") or "") or None
+        frame = None if row.get("frame") in (None, "") else int(row["frame"])  # a 4D file's time point
         if isinstance(image, (list, tuple)):
-            out.append(Input(Path(image[0]), series, files=tuple(str(f) for f in image)))
+            out.append(Input(Path(image[0]), series, files=tuple(str(f) for f in image), frame=frame))
         else:
-            out.append(Input(Path(image), series))
+            out.append(Input(Path(image), series, frame=frame))
     return out
 
 
@@ -138,7 +144,7 @@ def collect_inputs(paths: Iterable[str | Path], channels=None) -> list[Input]:
                 out.append(Input(info.files[0]) if len(info.files) == 1 else Input(info.folder, uid))
     seen, unique = set(), []
     for inp in out:
-        key = (str(inp.path.resolve()) if inp.path.exists() else str(inp.path), inp.series_id, inp.files)
+        key = (str(inp.path.resolve()) if inp.path.exists() else str(inp.path), inp.series_id, inp.files, inp.frame)
         if key not in seen:
             seen.add(key)
             unique.append(inp)
@@ -371,11 +377,14 @@ def predict(run_dir: str | Path, inputs: Iterable[str | Path], out_dir: str | Pa
         if pred.head == "segment":
             mask, affine = pred.segment(image, native=native)
             source = inp.path if not inp.path.is_dir() else inp.path / "series"
-            out = _unique(out_dir / f"{_stem(source) if not inp.series_id else inp.name}_seg.nii.gz", used)
+            stem = _stem(source) if not inp.series_id else inp.name
+            stem = stem if inp.frame is None or inp.series_id else f"{stem}_t{inp.frame}"
+            out = _unique(out_dir / f"{stem}_seg.nii.gz", used)
             result.outputs.append(str(write_mask(mask, source, affine, out)))
         else:
             probs = pred.classify(image)
             row = {"file": str(inp.path), "series_id": inp.series_id or "",
+                   "frame": "" if inp.frame is None else inp.frame,
                    **{f"prob_{n}": f"{probs[c]:.6f}" for c, n in enumerate(names[: len(probs)])}}
             if pred.cfg.finetune.multilabel:
                 row["predicted"] = ";".join(names[c] for c in range(len(probs)) if probs[c] >= 0.5)
@@ -392,12 +401,14 @@ def predict(run_dir: str | Path, inputs: Iterable[str | Path], out_dir: str | Pa
                 reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
                 prefix = f"{inp.path}: "
                 reason = reason[len(prefix):] if reason.startswith(prefix) else reason
-                where = str(inp.path) + (f" (series {inp.series_id[-12:]})" if inp.series_id else "")
+                where = str(inp.path) + (f" (series {inp.series_id[-12:]})" if inp.series_id else "") \
+                    + (f" (frame {inp.frame})" if inp.frame is not None else "")
                 result.failures.append({"file": where, "reason": reason})
                 bar.print(f"medmim predict: {where}: {reason}")
             bar.advance()
     if pred.head != "segment":
         cols = ["file"] + (["series_id"] if any(r["series_id"] for r in rows) else []) \
+            + (["frame"] if any(r["frame"] != "" for r in rows) else []) \
             + [f"prob_{n}" for n in names] + ["predicted"]
         result.table = out_dir / "predictions.csv"
         write_csv(result.table, rows, cols)

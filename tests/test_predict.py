@@ -229,3 +229,20 @@ def test_dicom_series_folder_is_one_volume_and_its_mask_overlays_it(tmp_path):
     assert mask_img.shape == ref_img.shape
     np.testing.assert_allclose(mask_img.affine, ref_img.affine, atol=1e-4)
     np.testing.assert_array_equal(np.asarray(mask_img.dataobj) == 1, np.asarray(ref_img.dataobj) > 255)
+
+
+def test_a_manifest_row_predicts_its_own_time_point_of_a_4d_file(tmp_path):
+    """A manifest given to predict keeps each row's ``frame``: two rows naming two time points of one
+    4D NIfTI are two inputs, each mask is its own time point's foreground (the array written)."""
+    vol = np.zeros((12, 14, 8, 2), np.uint8)
+    vol[2:5, 3:7, 1:4, 0] = 255
+    vol[6:10, 8:12, 4:7, 1] = 255
+    write_nifti(tmp_path / "cine.nii.gz", vol, np.eye(4))
+    (tmp_path / "cases.csv").write_text("image,frame\ncine.nii.gz,0\ncine.nii.gz,1\n")
+    res = predict(None, [tmp_path / "cases.csv"], tmp_path / "out", native=True, predictor=seg_predictor(3),
+                  progress=False)
+    assert res.ok, res.failures
+    assert sorted(p.rsplit("/", 1)[-1] for p in res.outputs) == ["cine_t0_seg.nii.gz", "cine_t1_seg.nii.gz"]
+    for t in (0, 1):
+        out = nib.load(str(tmp_path / "out" / f"cine_t{t}_seg.nii.gz"))
+        np.testing.assert_array_equal(np.asanyarray(out.dataobj), (vol[..., t] > 0).astype(np.uint8))
