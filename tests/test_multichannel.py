@@ -312,6 +312,12 @@ def test_sequence_names_pick_contrasts():
     assert sequence_contrasts(["dwi", "FLAIR"]) == ["t1", "flair"]
     with pytest.raises(ValueError):
         sequence_contrasts(["t1"])
+    # as a data source: a config error naming data.channels, not an internal error
+    from medmim.data.phantoms import phantom_source
+
+    for names in (["t1"], ["a", "b", "c", "d", "e"]):
+        with pytest.raises(ConfigError, match=r"^data.channels with data.source=phantoms: .*take 2 to 4"):
+            phantom_source(channels_cfg(names).data)
 
 
 def test_each_lookalike_matches_the_lesion_in_exactly_one_sequence():

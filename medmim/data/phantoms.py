@@ -332,6 +332,13 @@ def phantom_source(dc) -> tuple[Path, str, str]:
     """``(manifest, default preset, description)`` of ``data.source=phantoms``: the grayscale set, or,
     when ``data.channels`` is declared, a multi-sequence MRI set with one sequence per channel."""
     names = [c.name for c in dc.channels]
+    if names:
+        try:
+            sequence_contrasts(names)
+        except ValueError as exc:
+            from medmim.errors import ConfigError
+
+            raise ConfigError(f"data.channels with data.source=phantoms: {exc} (one sequence per channel)") from None
     manifest = generate(dc.phantoms.out_dir, dc.spatial_dims, phantom_spec(dc.phantoms, names))
     if names:
         kind = f"multi-sequence MRI ({', '.join(names)})"
