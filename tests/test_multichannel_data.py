@@ -64,6 +64,27 @@ def test_manifest_channel_columns_and_lists(pngs):
     assert read_manifest(root / "one.csv", ["t1", "flair"])[0]["image"] == str(root / "vol4d.nii.gz")
 
 
+def test_manifest_from_csv_keeps_image_lists(pngs, capsys):
+    """``medmim data manifest --from csv``: an ``image`` list (JSON-list string) stays one file per
+    channel, each resolved against the CSV's folder (it was taken as one file name)."""
+    from medmim.cli import main
+
+    root, f = pngs
+    (root / "src").mkdir()
+    (root / "src" / "in.csv").write_text('image,label\n"[""../a_t1.png"", ""../a_flair.png""]",1\n')
+    out = root / "out" / "m.csv"
+    assert main(["data", "manifest", "--from", "csv", str(root / "src" / "in.csv"), "--out", str(out)]) == 0
+    rec = read_manifest(out, ["t1", "flair"])[0]
+    assert [Path(p).resolve() for p in rec["image"]] == [Path(f["a", "t1"]), Path(f["a", "flair"])]
+    assert rec["patient_id"] == "a_t1"
+    # image_<channel> columns already make a manifest: the builder says so in its one line
+    (root / "src" / "cols.csv").write_text("image_t1,image_flair\n../a_t1.png,../a_flair.png\n")
+    capsys.readouterr()
+    assert main(["data", "manifest", "--from", "csv", str(root / "src" / "cols.csv"), "--out", str(out),
+                 "--force"]) != 0
+    assert "give this CSV as data.path with data.channels" in capsys.readouterr().err
+
+
 def test_manifest_missing_channel_named(pngs):
     root, _ = pngs
     (root / "m.csv").write_text("image_t1,image_flair\na_t1.png,a_flair.png\nb_t1.png,\n")

@@ -176,7 +176,10 @@ def from_csv(path: str | Path, *, image_col: str = "image", label_col: str | Non
     if not data:
         raise DataError(f"{path}: CSV has no rows")
     if image_col not in data[0]:
-        raise DataError(f"{path}: no column '{image_col}' (found: {', '.join(data[0])})")
+        hint = ("; columns image_<channel> already make a multi-channel manifest: give this CSV as data.path with "
+                "data.channels" if any(str(k).startswith("image_") for k in data[0]) else "")
+        raise DataError(f"{path}: no column '{image_col}' (found: {', '.join(data[0])}){hint}")
+    from medmim.data.manifest import _parse_image_list
     rows = []
     mapping = {image_col: "image", label_col: "label", patient_col: "patient_id", split_col: "split",
                mask_col: "mask"}
@@ -186,12 +189,18 @@ def from_csv(path: str | Path, *, image_col: str = "image", label_col: str | Non
             row[mapping.get(k, k) if k is not None else "extra"] = v
         if not row.get("image"):
             raise DataError(f"{path}: row {n} has an empty '{image_col}'")
+        listed = _parse_image_list(row["image"])  # one file per channel (a JSON-list string)
+        if listed is not None:
+            if not listed or any(v in (None, "") for v in listed):
+                raise DataError(f"{path}: row {n}: the '{image_col}' list has an empty entry")
+            row["image"] = [str(q if (q := Path(str(v))).is_absolute() else path.parent / q) for v in listed]
         for col in ("image", "mask"):
-            if row.get(col):
+            if row.get(col) and not isinstance(row[col], list):
                 p = Path(row[col])
                 row[col] = str(p if p.is_absolute() else path.parent / p)
         if not row.get("patient_id"):
-            row["patient_id"] = _patient_of(Path(row["image"]), None)
+            first = row["image"][0] if isinstance(row["image"], list) else row["image"]
+            row["patient_id"] = _patient_of(Path(first), None)
         if row.get("split") and row["split"] not in ("train", "val", "test"):
             raise DataError(f"{path}: row {n}: split '{row['split']}' is not train/val/test")
         row.setdefault("modality", modality)
