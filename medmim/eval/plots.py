@@ -16,7 +16,7 @@ _STYLE = {"full": "-", "linear": "--"}
 
 
 def plot_label_efficiency(summary: list[dict], metric: str, path: str | Path, title: str | None = None) -> Path:
-    """The label-efficiency curve: test ``metric`` (mean over seeds, 95% CI band or ± std) against the
+    """The label-efficiency curve: test ``metric`` (mean over seeds, or folds × seeds, 95% CI band or ± std) against the
     number of labelled images (log x), one line per initialisation × evaluation mode. The CI band is
     drawn as the summary gives it (``summarize_rows`` clips it to [0, 1] for bounded metrics)."""
     path = Path(path)
@@ -45,7 +45,8 @@ def plot_label_efficiency(summary: list[dict], metric: str, path: str | Path, ti
     ax.set_xscale("log")
     ax.set_xlabel("labelled training images (log scale)")
     ax.set_ylabel(f"test {metric}")
-    ax.set_title(title or f"Label efficiency: test {metric} vs labels (mean, 95% CI over seeds)", fontsize=10)
+    over = "folds × seeds" if any((s.get("n_folds") or 0) > 1 for s in summary) else "seeds"
+    ax.set_title(title or f"Label efficiency: test {metric} vs labels (mean, 95% CI over {over})", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     if plotted:
         ax.legend(fontsize=8, loc="lower right")
