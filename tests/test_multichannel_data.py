@@ -402,6 +402,19 @@ def test_disk_cache_keys_include_channels_and_presets(tmp_path):
         assert torch.equal(a["image"], c["image"]) and torch.equal(b["image"], c["image"])
 
 
+def test_grayscale_disk_cache_folders_keep_their_pre_multichannel_keys():
+    """Existing grayscale caches stay valid: the folder keys equal the ones computed before
+    multi-channel inputs existed (commit 7b64c6c), for a 2D and a 3D config."""
+    from medmim.data.cache import transform_key
+
+    d2 = load_config(None, ["data.spatial_dims=2", "data.image_size=16", "data.resize=pad", "data.orientation=RAS",
+                            "data.target_spacing=null"]).data
+    d3 = load_config(None, ["data.spatial_dims=3", "data.image_size=32", "data.resize=stretch",
+                            "data.orientation=RAS", "data.target_spacing=[1.5,1.5,2.0]"]).data
+    assert transform_key(d2, "xray", False) == "0be09f2e25560b08"
+    assert transform_key(d3, "ct_soft_tissue", True) == "5730a9bb30dee358"
+
+
 def test_describe_failure_names_the_case_and_channel(tmp_path):
     from medmim.data.dataset import describe_failure
 
