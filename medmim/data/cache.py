@@ -47,7 +47,10 @@ def transform_config(dc, preset: str, with_mask: bool) -> dict:
     cfg = {f: getattr(dc, f) for f in KEY_FIELDS}
     out = {"version": CACHE_VERSION, "preset": preset, "with_mask": bool(with_mask), **cfg}
     if dc.channels:
-        out["channels"] = [{"name": c.name, "preset": c.preset or preset, "series": c.series} for c in dc.channels]
+        from medmim.data.presets import channel_presets
+
+        out["channels"] = [{"name": c.name, "preset": pr, "series": c.series}
+                           for c, pr in zip(dc.channels, channel_presets(dc, preset))]
         out["channel_axis"] = dc.channel_axis
     return out
 

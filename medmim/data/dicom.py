@@ -435,6 +435,11 @@ def series_files(folder: str | Path, series_uid: str | None, pattern: str | None
     return select_series(series, folder, uid=series_uid, pattern=pattern, channel=channel).files
 
 
+def series_pattern(channel) -> str:
+    """The SeriesDescription pattern of a ``data.channels`` entry: its ``series``, default ``*<name>*``."""
+    return channel.series if channel.series is not None else f"*{channel.name}*"
+
+
 def study_series_files(folder: str | Path, channels, series: dict[str, SeriesInfo] | None = None) -> list[list[Path]]:
     """A DICOM study folder as channels: for each ``data.channels`` entry, the files of the series whose
     SeriesDescription matches its ``series`` pattern (default ``*<name>*``); see ``select_series``.
@@ -442,8 +447,7 @@ def study_series_files(folder: str | Path, channels, series: dict[str, SeriesInf
     series = scan_folder(folder, salt="", skipped=[]) if series is None else series
     out = []
     for c in channels:
-        pattern = c.series if c.series is not None else f"*{c.name}*"
-        out.append(select_series(series, folder, pattern=pattern, channel=c.name).files)
+        out.append(select_series(series, folder, pattern=series_pattern(c), channel=c.name).files)
     return out
 
 

@@ -336,7 +336,7 @@ def read_channels(ref, channels, *, spatial_dims: int, channel_axis: int = -1, s
         if len(study) == 1 and not any(c.series for c in channels):
             series_id, study = next(iter(study)), None  # one (4D) series: its extra axis holds the channels
     if study is not None:
-        from medmim.data.dicom import read_series, study_series_files
+        from medmim.data.dicom import read_series, series_pattern, study_series_files
 
         parts = []
         for c, files in zip(channels, study_series_files(text, channels, study)):
@@ -346,7 +346,7 @@ def read_channels(ref, channels, *, spatial_dims: int, channel_axis: int = -1, s
                 MetaTensor(torch.as_tensor(arr), affine=torch.as_tensor(affine))
             img = channel_first(img, spatial_dims, "image", where)
             validate(img, "image", where)
-            parts.append((c.name, f"{text} series '{c.series or '*' + c.name + '*'}'", img, affine is not None))
+            parts.append((c.name, f"{text} series '{series_pattern(c)}'", img, affine is not None))
         return _stack(parts, spatial_dims, text)
     where = text or "<array image>"
     if frame is not None:
