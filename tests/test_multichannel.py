@@ -226,6 +226,9 @@ def test_a_medmim_export_for_other_channels_is_refused_in_one_line(name, tmp_pat
         load_pretrained(enc(3), two, verbose=False)
     with pytest.raises(MedmimError, match="another order"):
         load_pretrained(enc(2), two, verbose=False, channels=["flair", "t1"])
+    lines = []  # other names, same count: loaded, and the key report says which channel went where
+    load_pretrained(enc(2), two, channels=["t2", "adc"], log=lines.append)
+    assert "note: channels: the export's are t1, flair, this run's t2, adc" in lines[0]
     dst = enc(2)
     assert load_pretrained(dst, two, verbose=False, channels=["t1", "flair"]).ok
     assert all(torch.equal(a, b) for a, b in zip(dst.state_dict().values(), src.state_dict().values()))

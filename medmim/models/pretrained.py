@@ -358,6 +358,10 @@ def load_pretrained(encoder: nn.Module, path: str | Path, *, inflate: bool = Fal
         check_export_channels(path, side, None if stem is None else int(stem.shape[1]),
                               int(getattr(encoder, "in_channels", 1)), channels)
     conv = convert_state(state, encoder, inflate=inflate)
+    names_file = [c.get("name") for c in (side or {}).get("channels") or [] if isinstance(c, dict)]
+    if names_file and channels and names_file != list(channels):  # same count (else refused above)
+        conv.notes.append(f"channels: the export's are {', '.join(map(str, names_file))}, this run's "
+                          f"{', '.join(channels)} (loaded in that order)")
     report = apply_state(encoder, conv.state, path)
     outside = set(conv.dropped)
     extra = [k for k in report.unexpected if k not in outside]
