@@ -386,3 +386,44 @@ def test_cli_train_and_score_3d_phantoms_writes_nifti_in_source_geometry(tmp_pat
     src = rows[int(maps[0].name[:5])].split(",")[1]
     m, s = nib.load(str(maps[0])), nib.load(src)
     assert m.shape == s.shape and np.allclose(m.affine, s.affine)
+
+
+def test_nifti_map_of_a_two_sequence_case_is_on_the_first_sequence_grid(tmp_path):
+    """A multi-channel case (one NIfTI per sequence, the second on another grid) is read back through
+    training's chain with its channels, and its map lands on the first sequence's voxels and affine
+    (nibabel is the reference); the lesion is where the first sequence has it."""
+    nib = pytest.importorskip("nibabel")
+    from medmim.config import DataConfig
+    from medmim.data.dataset import deterministic_transforms
+
+    shape = (24, 20, 16)
+    affine = np.array([[-1.2, 0, 0, 30.0], [0, 0.9, 0, -12.0], [0, 0, 2.5, 7.0], [0, 0, 0, 1]])
+    t1 = np.full(shape, 100.0, np.float32)
+    lesion_vox = np.zeros(shape, bool)
+    lesion_vox[14:18, 5:9, 9:12] = True
+    t1[lesion_vox] = 900.0
+    # the second sequence on a coarser grid over the same space (every second voxel of x and y): it is
+    # resampled onto the first sequence's grid on the way in
+    aff2 = affine.copy()
+    aff2[0, 0], aff2[1, 1] = 2 * affine[0, 0], 2 * affine[1, 1]
+    t2 = t1[::2, ::2].copy()
+    files = [tmp_path / "t1.nii.gz", tmp_path / "t2.nii.gz"]
+    nib.save(nib.Nifti1Image(t1, affine), str(files[0]))
+    nib.save(nib.Nifti1Image(t2, aff2), str(files[1]))
+
+    dc = DataConfig(source="manifest", path="unused.csv", spatial_dims=3, image_size=16, modality="mri",
+                    channels=["t1", "t2"])
+    source = {"image": [str(f) for f in files]}
+    item = deterministic_transforms(dc, "mri_percentile", with_mask=False)(dict(source))
+    assert item["image"].shape == (2, 16, 16, 16)
+    x = item["image"][None].float()
+    settings = ScoreSettings(num_masks=4, mask_ratio=0.75, error="l2", smooth_sigma=0.0)
+    amap = anomaly_maps(VisibleMeanInpainter(4, 3, "median"), x, settings,
+                        generator=torch.Generator().manual_seed(0))["l2"][0]
+
+    out = save_nifti_map(tmp_path / "map.nii.gz", amap, source, dc, "mri_percentile")
+    img = nib.load(str(out))
+    assert img.shape == shape
+    assert np.allclose(img.affine, affine)
+    data = np.asarray(img.dataobj)
+    assert data[lesion_vox].mean() > 5 * data[~lesion_vox].mean()

@@ -51,18 +51,6 @@ def save_overlay_png(path: str | Path, image: np.ndarray, amap: np.ndarray, *, l
     return path
 
 
-def _geometry_chain(dc, preset: str):
-    from monai import transforms as mt
-
-    from medmim.data.dataset import LoadRecordd
-    from medmim.data.presets import preset_transforms
-
-    return mt.Compose([LoadRecordd(["image"], dc.spatial_dims),
-                       *preset_transforms(preset, ["image"], spatial_dims=dc.spatial_dims, image_size=dc.image_size,
-                                          resize=dc.resize, orientation=dc.orientation,
-                                          target_spacing=dc.target_spacing)])
-
-
 def map_to_source(amap: torch.Tensor | np.ndarray, source: dict | None, dc, preset: str) -> tuple[np.ndarray, np.ndarray]:
     """A network-space map ``(*spatial)`` -> ``(map on the source voxel grid, source affine)``.
 
@@ -77,7 +65,9 @@ def map_to_source(amap: torch.Tensor | np.ndarray, source: dict | None, dc, pres
     t = torch.as_tensor(np.asarray(amap), dtype=torch.float32)
     if source is None:
         return t.numpy(), np.eye(4)
-    chain = _geometry_chain(dc, preset)
+    from medmim.data.dataset import deterministic_transforms
+
+    chain = deterministic_transforms(dc, preset, with_mask=False, track_meta=True)  # training's chain, tracked
     ref = chain(dict(source))["image"]
     if not isinstance(ref, MetaTensor) or tuple(ref.shape[1:]) != tuple(t.shape):
         raise ValueError(f"map shape {tuple(t.shape)} does not match the network-space source "

@@ -94,8 +94,8 @@ def load_split(cfg: Config, data: DataBundle, split: str, *, normal_only: bool =
         src = r.get("source") or r["image"]
         meta.append({"source": src if isinstance(src, str) else str(src), "label": label,
                      "anomalous": None if label is None else int(label) != normal,
-                     "from_file": isinstance(r["image"], (str, Path)),
-                     "loader_input": loader_in if isinstance(r["image"], (str, Path)) else None})
+                     "from_file": isinstance(r["image"], (str, Path, list)),  # a list: one file per channel
+                     "loader_input": loader_in if isinstance(r["image"], (str, Path, list)) else None})
     return items, meta
 
 
