@@ -85,6 +85,13 @@ class UnlabelledSource(Section):
         return v
 
 
+def _bare_entries(v, key: str):
+    """A list of sections given in short form: one entry or a list; a bare string is ``{key: string}``."""
+    if isinstance(v, (str, dict)):
+        v = [v]
+    return [{key: e} if isinstance(e, str) else e for e in v] if isinstance(v, list) else v
+
+
 class ChannelSpec(Section):
     """One input channel (an MRI sequence, a CT window, a time point): ``data.channels`` lists them in
     order. A manifest row gives each channel as a column ``image_<name>``, or ``image`` as a list (one
@@ -161,9 +168,7 @@ class DataConfig(Section):
     @classmethod
     def _bare_channel_names(cls, v):
         """``channels: [t1, flair]``: a bare name is a channel with every default."""
-        if isinstance(v, (str, dict)):
-            v = [v]
-        return [{"name": e} if isinstance(e, str) else e for e in v] if isinstance(v, list) else v
+        return _bare_entries(v, "name")
 
     @property
     def in_channels(self) -> int:
@@ -178,9 +183,7 @@ class DataConfig(Section):
     @classmethod
     def _bare_paths(cls, v):
         """``unlabelled: [folder, other.npz]``: a bare path is a source with every default."""
-        if isinstance(v, (str, dict)):
-            v = [v]
-        return [{"path": e} if isinstance(e, str) else e for e in v] if isinstance(v, list) else v
+        return _bare_entries(v, "path")
 
     @model_validator(mode="after")
     def _path_needed(self) -> "DataConfig":
