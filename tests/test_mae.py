@@ -302,3 +302,36 @@ def test_recon_grid_png(tmp_path, spatial_dims):
     assert pixels.ndim == 3 and pixels.shape[0] > 100 and pixels.shape[1] > 150  # 3 rows x 3 columns
     assert pixels.std() > 0.01  # not a blank canvas
     assert [p.name for p in tmp_path.iterdir()] == ["grid.png"]  # no temporary file left behind
+
+
+def test_recon_grid_shows_every_channel_on_its_own_rows(tmp_path):
+    """A 2-channel input gets 3 rows per channel, and channel 1's rows show channel 1 (a top-bright
+    image), not channel 0 (left-bright): read back from the PNG with matplotlib."""
+    import matplotlib.image as mpimg
+
+    from medmim.eval.recon_grid import save_recon_grid
+
+    size = 32
+    x = torch.zeros(2, 2, size, size)
+    x[:, 0, :, : size // 2] = 1.0  # channel 0: left half bright
+    x[:, 1, : size // 2, :] = 1.0  # channel 1: top half bright
+    x += 0.01 * torch.rand(x.shape, generator=torch.Generator().manual_seed(0))
+    mask = torch.zeros(2, 4, 4, dtype=torch.bool)  # nothing hidden: every row shows the input
+    one = mpimg.imread(save_recon_grid(tmp_path / "one.png", x[:, :1], x[:, :1], mask, 8, 2))
+    two = mpimg.imread(save_recon_grid(tmp_path / "two.png", x, x, mask, 8, 2, channel_names=["t1", "flair"]))
+    assert abs(two.shape[0] / one.shape[0] - 2.0) < 0.05 and two.shape[1] == one.shape[1]
+
+    grey = two[..., :3].mean(-1)
+    h, w = grey.shape
+    x0, x1 = int(0.6 * w), int(0.9 * w)  # inside the second column's panels (no row labels there)
+
+    def panel(row: int) -> np.ndarray:
+        top, bottom = int((row + 0.2) * h / 6), int((row + 0.8) * h / 6)
+        return grey[top:bottom, x0:x1]
+
+    for row in (0, 2):  # channel 0's input and reconstruction: left brighter than right
+        p = panel(row)
+        assert p[:, : p.shape[1] // 2].mean() > p[:, p.shape[1] // 2:].mean() + 0.3
+    for row in (3, 5):  # channel 1's: top brighter than bottom
+        p = panel(row)
+        assert p[: p.shape[0] // 2].mean() > p[p.shape[0] // 2:].mean() + 0.3

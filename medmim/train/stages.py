@@ -68,7 +68,8 @@ def pretrain_stage(cfg: Config, data: DataBundle, run: RunDir, runtime: Runtime,
         if not run.writer or not (last or (pc.recon_every and (epoch + 1) % pc.recon_every == 0)):
             return
         png = run.path / "recon" / f"epoch{epoch + 1:03d}.png"
-        save_recon_preview(model, preview, png, runtime)
+        save_recon_preview(model, preview, png, runtime,
+                           channel_names=cfg.data.channel_names if cfg.data.channels else None)
         if run.tracker is not None and png.exists():
             run.tracker.log_image("pretrain/reconstructions", png)  # TensorBoard, at this epoch's step
 
@@ -85,7 +86,8 @@ def pretrain_stage(cfg: Config, data: DataBundle, run: RunDir, runtime: Runtime,
 
 
 @torch.no_grad()
-def save_recon_preview(model, images: torch.Tensor, path: Path, runtime: Runtime) -> None:
+def save_recon_preview(model, images: torch.Tensor, path: Path, runtime: Runtime,
+                       channel_names: list[str] | None = None) -> None:
     """PNG grid of input / masked input / reconstruction for masked-modelling pretexts."""
     if not hasattr(model, "encoder") or getattr(model, "pretext_kind", "masked") != "masked":
         return
@@ -97,7 +99,8 @@ def save_recon_preview(model, images: torch.Tensor, path: Path, runtime: Runtime
     if "recon" not in out or "mask" not in out:
         return
     save_recon_grid(path, images.cpu(), out["recon"].float().cpu(), out["mask"].cpu(),
-                    patch_size=model.encoder.downsample_ratio, spatial_dims=images.ndim - 2)
+                    patch_size=model.encoder.downsample_ratio, spatial_dims=images.ndim - 2,
+                    channel_names=channel_names)
 
 
 def labelled_items(cfg: Config, data: DataBundle, seed: int, with_mask: bool = False):
