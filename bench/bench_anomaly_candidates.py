@@ -7,6 +7,10 @@ choose). The rows are the issue-17 directions:
   untrained model is the ``untrained`` row of each family below);
 * ``atlas``: the normal-texture atlas (medmim/anomaly/texture.py) over a grid of detail bands, region
   sizes, statistics (mean / std, median / MAD) and image scores (mean of all regions, worst quarter);
+* ``texmim``: masked texture modelling (medmim/anomaly/texmim.py): a small network trained on the
+  normal images to predict hidden regions' detail energy from the blurred, masked image; the score
+  is the one-sided shortfall of the actual energy, over a grid of input blur, mask ratio,
+  statistics and image scores;
 * ``mae``: the run's MAE (and the same MAE untrained), 1 - SSIM under covering masks, as
   ``medmim anomaly score`` computes it;
 * ``atlas+mae``: the chosen atlas plus the MAE score, each standardised on the normal training images,
@@ -38,6 +42,7 @@ import torch.nn.functional as F
 from medmim.anomaly import pipeline as P
 from medmim.anomaly.baselines import statistic_scores
 from medmim.anomaly.scoring import ScoreSettings, score_items
+from medmim.anomaly.texmim import TextureMIM
 from medmim.anomaly.texture import TextureAtlas, centre_and_scale
 from medmim.config import load_config
 from medmim.data.dataset import prepare_data
@@ -97,7 +102,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--run-dir", required=True, help="a `medmim anomaly train` run (MAE, ViT)")
     ap.add_argument("--out", required=True, help="output path without suffix (.md and .json are written)")
-    ap.add_argument("--skip", nargs="*", default=[], choices=["knn", "mae", "residual"])
+    ap.add_argument("--skip", nargs="*", default=[], choices=["knn", "mae", "residual", "texmim"])
     args = ap.parse_args()
     run = Path(args.run_dir)
     cfg = load_config(run / "config.yaml", [])
@@ -136,6 +141,15 @@ def main() -> None:
     chosen = next(k for k in atlas_scores if f"bands {list(k[0])}, {k[1]}-px regions, {k[2]}, top {k[3]}"
                   == best_atlas["name"])
     print(f"atlas chosen on val: {best_atlas['name']}", flush=True)
+
+    # ---- masked texture modelling -------------------------------------------------------------------
+    if "texmim" not in args.skip:
+        for input_sigma, ratio, stats in itertools.product((1.0, 2.0, 3.0), (0.25, 0.5, 0.75), STATS):
+            model = TextureMIM(input_sigma=input_sigma, mask_ratio=ratio, stats=stats, seed=cfg.run.seed).fit(train)
+            for top in TOPS:
+                model.top = top
+                add("texmim", f"input blur {input_sigma}, mask ratio {ratio}, {stats}, top {top}",
+                    {s: model.score_items(items[s], keep_maps=False)["texmim_score"].numpy() for s in ("val", "test")})
 
     # ---- the MAE (trained and untrained), alone and with the chosen atlas --------------------------
     models = {"trained": P.load_model(cfg, run), "untrained": P.untrained_model(cfg)}

@@ -345,8 +345,9 @@ class AnomalyConfig(Section):
     lesion_label: Optional[int] = None  # value of the lesion in pixel masks (None: 3 for 2D, 5 for 3D phantoms)
     num_masks: int = Field(4, ge=1)  # K masks per image at scoring time; their union covers every patch
     mask_ratio: Optional[float] = Field(None, gt=0, lt=1)  # scoring mask ratio (None: pretrain.mask_ratio)
-    error: Literal["l2", "l1", "ssim", "texture"] = "ssim"  # the detector: squared / absolute / 1 - SSIM
-    # reconstruction error, or the learned normal-texture atlas (medmim/anomaly/texture.py)
+    error: Literal["l2", "l1", "ssim", "texture", "texmim"] = "ssim"  # the detector: squared / absolute /
+    # 1 - SSIM reconstruction error, the learned normal-texture atlas (medmim/anomaly/texture.py), or masked
+    # texture modelling (medmim/anomaly/texmim.py)
     ssim_sigma: float = Field(1.5, gt=0)  # Gaussian window of SSIM (pixels)
     ssim_data_range: float = Field(1.0, gt=0)
     smooth_sigma: float = Field(1.0, ge=0)  # Gaussian smoothing of the error map (pixels; 0 = off)
@@ -365,6 +366,18 @@ class AnomalyConfig(Section):
     # and scale: mean / std, or median / 1.4826 MAD (robust to a few unusual normal images)
     texture_top: float = Field(1.0, gt=0, le=1)  # texture atlas: image score = mean of this share of the
     # regions with the highest map (1: all regions)
+    # masked texture modelling (anomaly.error: texmim, medmim/anomaly/texmim.py): a small network learns on
+    # normal images to predict hidden cells' detail energy (texture_sigmas bands on texture_pool regions)
+    texmim_input_sigma: float = Field(2.0, ge=0)  # Gaussian blur of its input (pixels): no detail left to copy
+    texmim_mask_ratio: float = Field(0.5, gt=0, lt=1)  # share of cells hidden in training and scoring
+    texmim_cell: int = Field(4, ge=1)  # masked cell edge (pixels / voxels), a multiple of texture_pool
+    texmim_num_masks: int = Field(4, ge=1)  # covering masks at scoring (more if the ratio needs them)
+    texmim_width: int = Field(32, ge=1)  # channels of its convolutions
+    texmim_epochs: int = Field(30, ge=1)
+    texmim_batch_size: int = Field(64, ge=1)
+    texmim_lr: float = Field(2e-3, gt=0)
+    texmim_stats: Literal["mean_std", "median_mad"] = "median_mad"  # normal residuals' centre / scale per region
+    texmim_top: float = Field(1.0, gt=0, le=1)  # image score: mean of this share of the worst regions
     batch_size: int = Field(64, ge=1)  # images per scoring batch (times num_masks model inputs)
     max_heatmaps: int = Field(24, ge=0)  # heatmap files written per scored split (0: none)
 

@@ -386,6 +386,15 @@ def test_cli_train_and_score_3d_phantoms_writes_nifti_in_source_geometry(tmp_pat
     src = rows[int(maps[0].name[:5])].split(",")[1]
     m, s = nib.load(str(maps[0])), nib.load(src)
     assert m.shape == s.shape and np.allclose(m.affine, s.affine)
+    # masked texture modelling: trained at scoring time when chosen and the run has none
+    assert main(["anomaly", "score", "--run-dir", str(tmp_path / "a3"), "--out", str(tmp_path / "tm"),
+                 "anomaly.error=texmim", "anomaly.texmim_epochs=1", "anomaly.texmim_width=4"]) == 0
+    metrics = json.loads((tmp_path / "tm" / "metrics.json").read_text())
+    assert metrics["baselines"]["detector_score"] == "detector_texmim"
+    assert metrics["baselines"]["detector"]["value"] == pytest.approx(metrics["texmim"]["image_auroc"])
+    assert 0 <= metrics["texmim"]["pixel_auroc"] <= 1
+    assert (tmp_path / "tm" / "scores.csv").read_text().splitlines()[0].endswith(
+        "score_ssim,score_texture,score_texmim,score,predicted_anomalous")
 
 
 def test_nifti_map_of_a_two_sequence_case_is_on_the_first_sequence_grid(tmp_path):

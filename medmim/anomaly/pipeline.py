@@ -30,6 +30,7 @@ from medmim.anomaly.metrics import image_metrics, operating_point, pixel_metrics
 from medmim.anomaly.model import build_anomaly_model
 from medmim.anomaly.outputs import save_nifti_map, save_overlay_png
 from medmim.anomaly.scoring import ERRORS, ScoreSettings, score_items
+from medmim.anomaly.texmim import TextureMIM
 from medmim.anomaly.texture import TextureAtlas
 from medmim.config import Config, load_config
 from medmim.data.dataset import DataBundle, deterministic_transforms, describe_failure, make_loader, prepare_data, summarize
@@ -45,7 +46,10 @@ log_ = logging.getLogger("medmim.anomaly")
 PASS_KEYS = ("series_id", "frame")  # record keys the reader needs besides the path (DICOM series, frame)
 MODEL_NAME = "anomaly_model.safetensors"
 ATLAS_NAME = "texture_atlas.safetensors"
-KINDS = (*ERRORS, "texture")  # every score computed: the reconstruction errors and the texture atlas
+TEXMIM_NAME = "texture_mim.safetensors"
+# every score kind: the reconstruction errors, the texture atlas, masked texture modelling (the last
+# only where anomaly.error chooses it or the run saved one: it trains a network)
+KINDS = (*ERRORS, "texture", "texmim")
 SIDECAR_NAME = "anomaly_model.json"
 
 
@@ -135,6 +139,8 @@ def settings_key(s: ScoreSettings, cfg: Config | None = None) -> dict:
     d.pop("error")  # every error kind is scored; the primary one only picks the CSV's "score"
     if cfg is not None:
         d["texture"] = texture_key(cfg)
+        if cfg.anomaly.error == "texmim":
+            d["texmim"] = texmim_key(cfg)
     return d
 
 
@@ -166,22 +172,54 @@ def texture_atlas(cfg: Config, data: DataBundle, run_dir: Path | None = None, tr
     return new_atlas(cfg).fit(train_items)
 
 
+def texmim_key(cfg: Config) -> dict:
+    """The settings a saved masked texture model must have been trained with (``TextureMIM.settings``)."""
+    a = cfg.anomaly
+    return {"sigmas": [float(v) for v in a.texture_sigmas], "pool": a.texture_pool,
+            "input_sigma": float(a.texmim_input_sigma), "mask_ratio": float(a.texmim_mask_ratio), "cell": a.texmim_cell,
+            "num_masks": a.texmim_num_masks, "width": a.texmim_width, "epochs": a.texmim_epochs,
+            "batch_size": a.texmim_batch_size, "lr": float(a.texmim_lr), "stats": a.texmim_stats, "seed": cfg.run.seed}
+
+
+def texture_mim(cfg: Config, data: DataBundle, run_dir: Path | None = None, train_items: list[dict] | None = None,
+                log: Callable[[str], None] = print) -> TextureMIM | None:
+    """The masked texture model: the run's saved one when it fits ``anomaly.texmim_*``; otherwise,
+    when ``anomaly.error`` is ``texmim``, one trained now on the normal training images; else None."""
+    key = texmim_key(cfg)
+    path = run_dir / TEXMIM_NAME if run_dir is not None else None
+    if path is not None and path.exists():
+        model = TextureMIM.load(path, top=cfg.anomaly.texmim_top)
+        if model.settings() == key:
+            return model
+        log(f"[anomaly] {path.name} was trained with other settings")
+    if cfg.anomaly.error != "texmim":
+        return None
+    if train_items is None:
+        train_items, _ = load_split(cfg, data, "train", normal_only=True)
+    log(f"[anomaly] training the masked texture model on {len(train_items)} normal images")
+    settings = dict(key)
+    sigmas, pool = settings.pop("sigmas"), settings.pop("pool")
+    return TextureMIM(sigmas, pool, top=cfg.anomaly.texmim_top, **settings).fit(train_items, log=log)
+
+
 # ---- scoring a split ----------------------------------------------------------------------------
 def evaluate_split(model, cfg: Config, items: list[dict], meta: list[dict], runtime: Runtime,
-                   keep_maps: bool = True, atlas: TextureAtlas | None = None) -> tuple[dict, dict]:
-    """Score every error kind (and the texture atlas, when given); return (raw outputs, metrics)."""
+                   keep_maps: bool = True, scorers: tuple = ()) -> tuple[dict, dict]:
+    """Score every error kind and every extra scorer given (the texture atlas, the masked texture
+    model: anything with ``score_items(items, keep_maps=...)``); return (raw outputs, metrics)."""
     settings = ScoreSettings.from_config(cfg)
     t0 = time.time()
     out = score_items(model, items, settings, batch_size=cfg.anomaly.batch_size, device=runtime.device,
                       errors=ERRORS, keep_maps=keep_maps)
-    if atlas is not None:
-        out.update(atlas.score_items(items, keep_maps=keep_maps))
+    for scorer in scorers:
+        if scorer is not None:
+            out.update(scorer.score_items(items, keep_maps=keep_maps))
     metrics: dict = {"n_images": len(items), "score_time_s": round(time.time() - t0, 2)}
     labelled = [i for i, m in enumerate(meta) if m["anomalous"] is not None]
     y = np.array([meta[i]["anomalous"] for i in labelled], dtype=bool)
     metrics["n_anomalous"], metrics["n_normal"] = int(y.sum()), int((~y).sum())
     lesion_idx = [i for i, it in enumerate(items) if "lesion" in it]
-    for kind in (k for k in KINDS if f"{k}_score" in out):
+    for kind in kinds_in(out):
         s = out[f"{kind}_score"].numpy()
         metrics[kind] = {f"image_{k}": v for k, v in image_metrics(y, s[labelled]).items()}
         if keep_maps and lesion_idx:
@@ -189,6 +227,11 @@ def evaluate_split(model, cfg: Config, items: list[dict], meta: list[dict], runt
             metrics[kind].update(pixel_metrics(gt, out[kind][lesion_idx].numpy()))
             metrics[kind]["n_pixel_images"] = len(lesion_idx)
     return out, metrics
+
+
+def kinds_in(out: dict) -> list[str]:
+    """The score kinds present in ``evaluate_split``'s outputs, in :data:`KINDS` order."""
+    return [k for k in KINDS if f"{k}_score" in out]
 
 
 def _labels(meta: list[dict]) -> tuple[list[int], np.ndarray]:
@@ -274,8 +317,11 @@ def train_anomaly(cfg: Config, *, resume: bool = False, log: Callable[[str], Non
         stage="anomaly:train", log=log)
     train_time = time.time() - t0
     atlas = new_atlas(cfg).fit(train_items)
+    texmim = texture_mim(cfg, data, train_items=train_items, log=log)
     if run.writer:
         atlas.save(run.path / ATLAS_NAME)
+        if texmim is not None:
+            texmim.save(run.path / TEXMIM_NAME)
 
     # calibrate on the validation split (all labels; the threshold uses the normal images only)
     val_items, val_meta = load_split(cfg, data, "val", with_masks=True)
@@ -291,9 +337,9 @@ def train_anomaly(cfg: Config, *, resume: bool = False, log: Callable[[str], Non
     }
     model.to(runtime.device)
     if val_items:
-        out, metrics = evaluate_split(model, cfg, val_items, val_meta, runtime, atlas=atlas)
+        out, metrics = evaluate_split(model, cfg, val_items, val_meta, runtime, scorers=(atlas, texmim))
         thresholds = {}
-        for kind in KINDS:
+        for kind in kinds_in(out):
             ns = _normal_scores(out, val_meta, kind)
             if ns.size:
                 thresholds[kind] = threshold_at_specificity(ns, ac.target_specificity)
@@ -302,7 +348,7 @@ def train_anomaly(cfg: Config, *, resume: bool = False, log: Callable[[str], Non
                                             f"normal images, specificity {ac.target_specificity}",
                         "val_metrics": metrics})
         log(f"[anomaly] validation: " + ", ".join(
-            f"{k} image AUROC {metrics[k]['image_auroc']:.3f}" for k in KINDS))
+            f"{k} image AUROC {metrics[k]['image_auroc']:.3f}" for k in kinds_in(out)))
         vbase = baseline_scores(cfg, val_items, runtime, untrained_model(cfg))
         cmp = baseline_comparison(cfg, (out, val_meta, vbase), (out, val_meta, vbase))
         if cmp is not None:
@@ -333,25 +379,25 @@ def score_anomaly(run_dir: str | Path, overrides: list[str] | None = None, *, sp
     data = prepare_data(cfg)
     runtime = Runtime.from_config(cfg.run)
     model = load_model(cfg, run_dir).to(runtime.device)
-    atlas = texture_atlas(cfg, data, run_dir, log=log)
+    scorers = (texture_atlas(cfg, data, run_dir, log=log), texture_mim(cfg, data, run_dir, log=log))
     settings = ScoreSettings.from_config(cfg)
     thresholds = dict(sidecar.get("thresholds") or {})
     threshold_note = sidecar.get("threshold_source", "")
     items, meta = load_split(cfg, data, split, with_masks=True)
     if not items:
         raise DataError(f"split '{split}' holds no images")
-    out, metrics = evaluate_split(model, cfg, items, meta, runtime, atlas=atlas)
+    out, metrics = evaluate_split(model, cfg, items, meta, runtime, scorers=scorers)
     # the validation split: the baselines are chosen there (and thresholds re-chosen if needed)
     if split == "val":
         val_items, val_meta, vout = items, meta, out
     else:
         val_items, val_meta = load_split(cfg, data, "val")
-        vout = evaluate_split(model, cfg, val_items, val_meta, runtime, keep_maps=False, atlas=atlas)[0] \
+        vout = evaluate_split(model, cfg, val_items, val_meta, runtime, keep_maps=False, scorers=scorers)[0] \
             if val_items else None
     if thresholds and vout is not None and sidecar.get("settings") != settings_key(settings, cfg):
         # the saved thresholds belong to other scoring settings: choose them again on validation
         thresholds = {k: threshold_at_specificity(_normal_scores(vout, val_meta, k), cfg.anomaly.target_specificity)
-                      for k in KINDS if _normal_scores(vout, val_meta, k).size}
+                      for k in kinds_in(vout) if _normal_scores(vout, val_meta, k).size}
         threshold_note = "re-chosen on the val split: scoring settings differ from the saved ones"
         log(f"[anomaly] {threshold_note}")
     cmp = None
@@ -362,7 +408,7 @@ def score_anomaly(run_dir: str | Path, overrides: list[str] | None = None, *, sp
         cmp = baseline_comparison(cfg, (vout, val_meta, vbase), (out, meta, base))
         if cmp is not None:  # every other score kind against the same baselines, one line each
             cmp["other_detectors"] = {}
-            for kind in (k for k in KINDS if k != cfg.anomaly.error and f"{k}_score" in out):
+            for kind in (k for k in kinds_in(out) if k != cfg.anomaly.error):
                 c = baseline_comparison(cfg, (vout, val_meta, vbase), (out, meta, base), kind)
                 cmp["other_detectors"][kind] = {"auroc": c["detector"], "difference": c["difference"],
                                                 "beats_best_baseline": c["beats_best_baseline"]}
@@ -374,7 +420,7 @@ def score_anomaly(run_dir: str | Path, overrides: list[str] | None = None, *, sp
     labelled = [i for i, m in enumerate(meta) if m["anomalous"] is not None]
     if thr is not None and labelled:
         y = np.array([meta[i]["anomalous"] for i in labelled], bool)
-        for kind in KINDS:
+        for kind in kinds_in(out):
             if kind in thresholds:
                 metrics[kind]["operating_point"] = operating_point(
                     y, out[f"{kind}_score"].numpy()[labelled], thresholds[kind])
@@ -386,7 +432,7 @@ def score_anomaly(run_dir: str | Path, overrides: list[str] | None = None, *, sp
     for i, m in enumerate(meta):
         row = {"index": i, "source": m["source"], "label": m["label"],
                "anomalous": "" if m["anomalous"] is None else int(m["anomalous"])}
-        for kind in KINDS:
+        for kind in kinds_in(out):
             row[f"score_{kind}"] = f"{float(out[f'{kind}_score'][i]):.6g}"
         row["score"] = row[f"score_{primary}"]
         row["predicted_anomalous"] = "" if thr is None else int(float(out[f"{primary}_score"][i]) > thr)
@@ -400,7 +446,7 @@ def score_anomaly(run_dir: str | Path, overrides: list[str] | None = None, *, sp
     _write_heatmaps(cfg, dest, items, meta, out[primary], primary, data.preset)
     write_json(dest / "metrics.json", metrics)
     log(f"[anomaly] {split}: {len(items)} images -> {dest}")
-    for kind in KINDS:
+    for kind in kinds_in(out):
         mk = metrics[kind]
         extra = f", pixel AUROC {mk['pixel_auroc']:.3f}, best Dice {mk['pixel_best_dice']:.3f}" \
             if "pixel_auroc" in mk else ""
