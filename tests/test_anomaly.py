@@ -391,6 +391,7 @@ def test_cli_train_and_score_3d_phantoms_writes_nifti_in_source_geometry(tmp_pat
                  "anomaly.error=texmim", "anomaly.texmim_epochs=1", "anomaly.texmim_width=4"]) == 0
     metrics = json.loads((tmp_path / "tm" / "metrics.json").read_text())
     assert metrics["baselines"]["detector_score"] == "detector_texmim"
+    assert "untrained_texmim" in metrics["baselines"]["candidates"]  # its own untrained network, a baseline
     assert metrics["baselines"]["detector"]["value"] == pytest.approx(metrics["texmim"]["image_auroc"])
     assert 0 <= metrics["texmim"]["pixel_auroc"] <= 1
     assert (tmp_path / "tm" / "scores.csv").read_text().splitlines()[0].endswith(

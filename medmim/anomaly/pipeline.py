@@ -197,9 +197,18 @@ def texture_mim(cfg: Config, data: DataBundle, run_dir: Path | None = None, trai
     if train_items is None:
         train_items, _ = load_split(cfg, data, "train", normal_only=True)
     log(f"[anomaly] training the masked texture model on {len(train_items)} normal images")
-    settings = dict(key)
+    return new_texture_mim(cfg).fit(train_items, log=log)
+
+
+def new_texture_mim(cfg: Config, untrained: bool = False) -> TextureMIM:
+    """An unfitted masked texture model with the ``anomaly.texmim_*`` settings; ``untrained``: with
+    0 epochs, so ``fit`` only learns the normal residuals' statistics around the network's random
+    initialisation (its sanity baseline, "the same model untrained")."""
+    settings = texmim_key(cfg)
     sigmas, pool = settings.pop("sigmas"), settings.pop("pool")
-    return TextureMIM(sigmas, pool, top=cfg.anomaly.texmim_top, **settings).fit(train_items, log=log)
+    if untrained:
+        settings["epochs"] = 0
+    return TextureMIM(sigmas, pool, top=cfg.anomaly.texmim_top, **settings)
 
 
 # ---- scoring a split ----------------------------------------------------------------------------
@@ -248,13 +257,17 @@ def untrained_model(cfg: Config) -> torch.nn.Module:
     return build_anomaly_model(cfg, build_encoder_for(cfg)).eval()
 
 
-def baseline_scores(cfg: Config, items: list[dict], runtime: Runtime, untrained: torch.nn.Module) -> dict[str, np.ndarray]:
-    """Every sanity baseline's image scores for ``items``: the image statistics (both signs) and the
-    untrained model scored like the trained one (``untrained_<error>``)."""
+def baseline_scores(cfg: Config, items: list[dict], runtime: Runtime, untrained: torch.nn.Module,
+                    untrained_texmim: TextureMIM | None = None) -> dict[str, np.ndarray]:
+    """Every sanity baseline's image scores for ``items``: the image statistics (both signs), the
+    untrained model scored like the trained one (``untrained_<error>``) and, when the masked texture
+    model is scored, its untrained network (``untrained_texmim``)."""
     out = statistic_scores(items)
     raw = score_items(untrained.to(runtime.device), items, ScoreSettings.from_config(cfg),
                       batch_size=cfg.anomaly.batch_size, device=runtime.device, errors=ERRORS, keep_maps=False)
     out.update({f"untrained_{k}": raw[f"{k}_score"].numpy() for k in ERRORS})
+    if untrained_texmim is not None:
+        out["untrained_texmim"] = untrained_texmim.score_items(items, keep_maps=False)["texmim_score"].numpy()
     return out
 
 
@@ -349,7 +362,8 @@ def train_anomaly(cfg: Config, *, resume: bool = False, log: Callable[[str], Non
                         "val_metrics": metrics})
         log(f"[anomaly] validation: " + ", ".join(
             f"{k} image AUROC {metrics[k]['image_auroc']:.3f}" for k in kinds_in(out)))
-        vbase = baseline_scores(cfg, val_items, runtime, untrained_model(cfg))
+        vbase = baseline_scores(cfg, val_items, runtime, untrained_model(cfg),
+                                None if texmim is None else new_texture_mim(cfg, untrained=True).fit(train_items))
         cmp = baseline_comparison(cfg, (out, val_meta, vbase), (out, val_meta, vbase))
         if cmp is not None:
             sidecar["val_baselines"] = cmp
@@ -403,8 +417,11 @@ def score_anomaly(run_dir: str | Path, overrides: list[str] | None = None, *, sp
     cmp = None
     if vout is not None:
         untrained = untrained_model(cfg)
-        base = baseline_scores(cfg, items, runtime, untrained)
-        vbase = base if split == "val" else baseline_scores(cfg, val_items, runtime, untrained)
+        untrained_tm = None
+        if scorers[1] is not None:
+            untrained_tm = new_texture_mim(cfg, untrained=True).fit(load_split(cfg, data, "train", normal_only=True)[0])
+        base = baseline_scores(cfg, items, runtime, untrained, untrained_tm)
+        vbase = base if split == "val" else baseline_scores(cfg, val_items, runtime, untrained, untrained_tm)
         cmp = baseline_comparison(cfg, (vout, val_meta, vbase), (out, meta, base))
         if cmp is not None:  # every other score kind against the same baselines, one line each
             cmp["other_detectors"] = {}
