@@ -365,6 +365,27 @@ def test_cli_train_and_score_2d_phantoms_with_memory(tmp_path):
     assert (out / "baselines.csv").read_text().startswith("score,role,val_auroc,auroc")
 
 
+def test_cli_train_with_texmim_saves_it_and_score_reuses_it(tmp_path, capsys):
+    from medmim.cli import main
+
+    args = ["anomaly", "train", "-c", "anomaly_phantoms", f"run.out_dir={tmp_path}", "run.name=tm",
+            f"data.phantoms.out_dir={tmp_path / 'ph'}", "data.phantoms.n_patients=16", "data.image_size=32",
+            "data.phantoms.size_2d=32", "encoder.patch_size=8", "anomaly.error=texmim", "anomaly.texmim_epochs=2",
+            "anomaly.texmim_cell=8", *TINY]
+    assert main(args) == 0
+    run = tmp_path / "tm"
+    assert (run / "texture_mim.safetensors").exists()
+    side = json.loads((run / "anomaly_model.json").read_text())
+    assert side["primary_error"] == "texmim" and side["threshold"] == side["thresholds"]["texmim"]
+    assert "untrained_texmim" in side["val_baselines"]["candidates"]
+    capsys.readouterr()
+    assert main(["anomaly", "score", "--run-dir", str(run)]) == 0
+    assert "training the masked texture model" not in capsys.readouterr().out  # the saved one was used
+    metrics = json.loads((run / "scores_test" / "metrics.json").read_text())
+    assert metrics["threshold_note"] == side["threshold_source"]  # same settings: the saved thresholds hold
+    assert metrics["texmim"]["operating_point"]["threshold"] == pytest.approx(side["thresholds"]["texmim"])
+
+
 def test_cli_train_and_score_3d_phantoms_writes_nifti_in_source_geometry(tmp_path):
     import nibabel as nib
 
