@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from medmim.anomaly.scoring import covering_masks, gaussian_filter, min_masks
-from medmim.anomaly.texture import STATS, centre_and_scale, log_band_energy, top_mean
+from medmim.anomaly.texture import STATS, centre_and_scale, log_band_energy, regions_to_pixels, top_mean
 
 FORMAT = "medmim-texture-mim-v1"
 
@@ -177,12 +177,12 @@ class TextureMIM:
         z = (r - self.buffers["r_centre"]) / self.buffers["r_scale"]
         return F.relu(-z).pow(2).mean(1)
 
+    def to_pixels(self, regions: torch.Tensor, spatial: Sequence[int]) -> torch.Tensor:
+        return regions_to_pixels(regions, self.pool, spatial)
+
     def maps(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, C, *spatial)`` -> anomaly maps ``(B, *spatial)`` (each region's value repeated)."""
-        up = self.region_maps(x)
-        for axis in range(1, up.ndim):
-            up = up.repeat_interleave(self.pool, dim=axis)
-        return up[(slice(None), *[slice(0, s) for s in x.shape[2:]])]
+        """``(B, C, *spatial)`` -> anomaly maps ``(B, *spatial)``."""
+        return self.to_pixels(self.region_maps(x), x.shape[2:])
 
     def score_items(self, items: Sequence[dict], batch_size: int = 256, keep_maps: bool = True) -> dict:
         """``{"texmim_score": (N,), "texmim": maps (N, *spatial)}`` (maps only when ``keep_maps``)."""
@@ -192,10 +192,7 @@ class TextureMIM:
             r = self.region_maps(x)
             scores.append(top_mean(r.flatten(1), self.top))
             if keep_maps:
-                up = r
-                for axis in range(1, up.ndim):
-                    up = up.repeat_interleave(self.pool, dim=axis)
-                maps.append(up[(slice(None), *[slice(0, s) for s in x.shape[2:]])])
+                maps.append(self.to_pixels(r, x.shape[2:]))
         out = {"texmim_score": torch.cat(scores)}
         if keep_maps:
             out["texmim"] = torch.cat(maps)

@@ -61,6 +61,15 @@ def top_mean(values: torch.Tensor, top: float) -> torch.Tensor:
     return values.mean(1) if k >= values.shape[1] else values.topk(k, dim=1).values.mean(1)
 
 
+def regions_to_pixels(regions: torch.Tensor, pool: int, spatial: Sequence[int]) -> torch.Tensor:
+    """Region maps ``(B, *grid)`` -> pixel maps ``(B, *spatial)``: each region's value repeated over
+    its ``pool`` pixels per axis, cropped to ``spatial``."""
+    up = regions
+    for axis in range(1, up.ndim):
+        up = up.repeat_interleave(pool, dim=axis)
+    return up[(slice(None), *[slice(0, s) for s in spatial])]
+
+
 def region_grid(spatial: Sequence[int], pool: int) -> tuple[int, ...]:
     return tuple(math.ceil(s / pool) for s in spatial)
 
@@ -120,11 +129,7 @@ class TextureAtlas:
         return {"deficit": F.relu(-z), "excess": F.relu(z), "both": z.abs()}[self.side].pow(2).mean(1)
 
     def to_pixels(self, regions: torch.Tensor, spatial: Sequence[int]) -> torch.Tensor:
-        """Region maps ``(B, *grid)`` -> pixel maps ``(B, *spatial)`` (each region's value repeated)."""
-        up = regions
-        for axis in range(1, up.ndim):
-            up = up.repeat_interleave(self.pool, dim=axis)
-        return up[(slice(None), *[slice(0, s) for s in spatial])]
+        return regions_to_pixels(regions, self.pool, spatial)
 
     def maps(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C, *spatial)`` -> anomaly maps ``(B, *spatial)``."""
