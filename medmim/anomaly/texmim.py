@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from medmim.anomaly.scoring import covering_masks, gaussian_filter, min_masks
-from medmim.anomaly.texture import STATS, centre_and_scale, log_band_energy, regions_to_pixels, top_mean
+from medmim.anomaly.texture import STATS, RegionDetector, centre_and_scale, log_band_energy
 
 FORMAT = "medmim-texture-mim-v1"
 
@@ -61,8 +61,10 @@ class TextureNet(nn.Module):
         return self.regions(pool(self.pixels(x), tuple(grid)))
 
 
-class TextureMIM:
+class TextureMIM(RegionDetector):
     """Train on normal images (:meth:`fit`), then :meth:`score_items` / :meth:`maps` like the atlas."""
+
+    name = "texmim"
 
     def __init__(self, sigmas: Sequence[float] = (1.0, 2.0), pool: int = 2, *, input_sigma: float = 2.0,
                  mask_ratio: float = 0.5, cell: int = 4, num_masks: int = 4, width: int = 32, epochs: int = 30,
@@ -177,26 +179,6 @@ class TextureMIM:
         z = (r - self.buffers["r_centre"]) / self.buffers["r_scale"]
         return F.relu(-z).pow(2).mean(1)
 
-    def to_pixels(self, regions: torch.Tensor, spatial: Sequence[int]) -> torch.Tensor:
-        return regions_to_pixels(regions, self.pool, spatial)
-
-    def maps(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, C, *spatial)`` -> anomaly maps ``(B, *spatial)``."""
-        return self.to_pixels(self.region_maps(x), x.shape[2:])
-
-    def score_items(self, items: Sequence[dict], batch_size: int = 256, keep_maps: bool = True) -> dict:
-        """``{"texmim_score": (N,), "texmim": maps (N, *spatial)}`` (maps only when ``keep_maps``)."""
-        scores, maps = [], []
-        for i in range(0, len(items), batch_size):
-            x = torch.stack([it["image"] for it in items[i:i + batch_size]]).float()
-            r = self.region_maps(x)
-            scores.append(top_mean(r.flatten(1), self.top))
-            if keep_maps:
-                maps.append(self.to_pixels(r, x.shape[2:]))
-        out = {"texmim_score": torch.cat(scores)}
-        if keep_maps:
-            out["texmim"] = torch.cat(maps)
-        return out
 
     # ---- files ----------------------------------------------------------------------------------
     def settings(self) -> dict:

@@ -86,8 +86,44 @@ def log_band_energy(x: torch.Tensor, sigmas: Sequence[float], pool: int) -> torc
     return torch.log(pool_fn(bands, region_grid(x.shape[2:], pool)) + EPS)
 
 
-class TextureAtlas:
+class RegionDetector:
+    """What the region-based detectors share: ``region_maps(x)`` (subclasses) scores regions of
+    ``pool`` pixels; the image score is the mean of the worst ``top`` share of regions; maps are the
+    region scores spread back over their pixels. ``name`` keys the outputs ("texture", "texmim")."""
+
+    name = "region"
+    pool: int
+    top: float
+
+    def region_maps(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def to_pixels(self, regions: torch.Tensor, spatial: Sequence[int]) -> torch.Tensor:
+        return regions_to_pixels(regions, self.pool, spatial)
+
+    def maps(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, C, *spatial)`` -> anomaly maps ``(B, *spatial)``."""
+        return self.to_pixels(self.region_maps(x), x.shape[2:])
+
+    def score_items(self, items: Sequence[dict], batch_size: int = 256, keep_maps: bool = True) -> dict:
+        """``{"<name>_score": (N,), "<name>": maps (N, *spatial)}`` (maps only when ``keep_maps``)."""
+        scores, maps = [], []
+        for i in range(0, len(items), batch_size):
+            x = torch.stack([it["image"] for it in items[i:i + batch_size]]).float()
+            r = self.region_maps(x)
+            scores.append(top_mean(r.flatten(1), self.top))
+            if keep_maps:
+                maps.append(self.to_pixels(r, x.shape[2:]))
+        out = {f"{self.name}_score": torch.cat(scores)}
+        if keep_maps:
+            out[self.name] = torch.cat(maps)
+        return out
+
+
+class TextureAtlas(RegionDetector):
     """Per-region, per-band centre and scale of :func:`log_band_energy` over normal images."""
+
+    name = "texture"
 
     def __init__(self, sigmas: Sequence[float] = (1.0, 2.0), pool: int = 2, side: str = "deficit",
                  stats: str = "mean_std", top: float = 1.0):
@@ -128,26 +164,6 @@ class TextureAtlas:
         z = (e - self.mean.to(e.device)) / self.std.to(e.device)
         return {"deficit": F.relu(-z), "excess": F.relu(z), "both": z.abs()}[self.side].pow(2).mean(1)
 
-    def to_pixels(self, regions: torch.Tensor, spatial: Sequence[int]) -> torch.Tensor:
-        return regions_to_pixels(regions, self.pool, spatial)
-
-    def maps(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, C, *spatial)`` -> anomaly maps ``(B, *spatial)``."""
-        return self.to_pixels(self.region_maps(x), x.shape[2:])
-
-    def score_items(self, items: Sequence[dict], batch_size: int = 256, keep_maps: bool = True) -> dict:
-        """``{"texture_score": (N,), "texture": maps (N, *spatial)}`` (maps only when ``keep_maps``)."""
-        scores, maps = [], []
-        for i in range(0, len(items), batch_size):
-            x = torch.stack([it["image"] for it in items[i:i + batch_size]])
-            r = self.region_maps(x)
-            scores.append(top_mean(r.flatten(1), self.top))
-            if keep_maps:
-                maps.append(self.to_pixels(r, x.shape[2:]))
-        out = {"texture_score": torch.cat(scores)}
-        if keep_maps:
-            out["texture"] = torch.cat(maps)
-        return out
 
     # ---- files ----------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
