@@ -429,8 +429,8 @@ def test_nifti_map_of_a_two_sequence_case_is_on_the_first_sequence_grid(tmp_path
 
     shape = (24, 20, 16)
     affine = np.array([[-1.2, 0, 0, 30.0], [0, 0.9, 0, -12.0], [0, 0, 2.5, 7.0], [0, 0, 0, 1]])
-    t1 = np.full(shape, 100.0, np.float32)
-    lesion_vox = np.zeros(shape, bool)
+    t1 = np.broadcast_to(100.0 + 4.0 * np.arange(shape[1], dtype=np.float32)[None, :, None], shape).copy()
+    lesion_vox = np.zeros(shape, bool)  # a smooth ramp (distinct percentiles) and a bright block
     lesion_vox[14:18, 5:9, 9:12] = True
     t1[lesion_vox] = 900.0
     # the second sequence on a coarser grid over the same space (every second voxel of x and y): it is
@@ -457,4 +457,6 @@ def test_nifti_map_of_a_two_sequence_case_is_on_the_first_sequence_grid(tmp_path
     assert img.shape == shape
     assert np.allclose(img.affine, affine)
     data = np.asarray(img.dataobj)
-    assert data[lesion_vox].mean() > 5 * data[~lesion_vox].mean()
+    peak = np.unravel_index(int(np.argmax(data)), shape)
+    assert lesion_vox[peak], (peak, np.argwhere(lesion_vox).mean(0))
+    assert data[lesion_vox].mean() > 2 * data[~lesion_vox].mean()
