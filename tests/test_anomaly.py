@@ -270,13 +270,28 @@ def test_memory_mae_trains_through_the_memory():
 
 
 # ---- geometry -------------------------------------------------------------------------------------
+def _map_back_to_source(tmp_path, dc, preset: str, source: dict) -> tuple[np.ndarray, np.ndarray, tuple]:
+    """Read ``source`` through training's chain, score it (L2 of a visible-mean inpainter), write the
+    map back to the source grid, and read it with nibabel: ``(map, affine, network-space shape)``."""
+    import nibabel as nib
+
+    from medmim.data.dataset import deterministic_transforms
+
+    item = deterministic_transforms(dc, preset, with_mask=False)(dict(source))
+    x = item["image"][None].float()  # (1, C, 16, 16, 16) network space
+    settings = ScoreSettings(num_masks=4, mask_ratio=0.75, error="l2", smooth_sigma=0.0)
+    amap = anomaly_maps(VisibleMeanInpainter(4, 3, "median"), x, settings,
+                        generator=torch.Generator().manual_seed(0))["l2"][0]
+    img = nib.load(str(save_nifti_map(tmp_path / "map.nii.gz", amap, source, dc, preset)))
+    return np.asarray(img.dataobj), np.asarray(img.affine), tuple(item["image"].shape)
+
+
 def test_nifti_map_round_trips_source_geometry(tmp_path):
     """A lesion at known voxels of a NIfTI source goes through MONAI's loader and resize, the
     scorer, and back: the written map has the source shape and affine and peaks on the lesion."""
     import nibabel as nib
 
     from medmim.config import DataConfig
-    from medmim.data.dataset import deterministic_transforms
 
     shape = (24, 20, 16)
     affine = np.array([[-1.2, 0, 0, 30.0], [0, 0.9, 0, -12.0], [0, 0, 2.5, 7.0], [0, 0, 0, 1]])
@@ -291,16 +306,9 @@ def test_nifti_map_round_trips_source_geometry(tmp_path):
     # aspect-keeping resize + pad all happen on the way in, and are undone on the way out
     dc = DataConfig(source="manifest", path="unused.csv", spatial_dims=3, image_size=16, modality="ct",
                     target_spacing=[2.0, 2.0, 2.0])
-    item = deterministic_transforms(dc, "ct_soft_tissue", with_mask=False)({"image": str(src)})
-    x = item["image"][None].float()  # (1, 1, 16, 16, 16) network space
-    settings = ScoreSettings(num_masks=4, mask_ratio=0.75, error="l2", smooth_sigma=0.0)
-    amap = anomaly_maps(VisibleMeanInpainter(4, 3, "median"), x, settings, generator=torch.Generator().manual_seed(0))["l2"][0]
-
-    out = save_nifti_map(tmp_path / "map.nii.gz", amap, {"image": str(src)}, dc, "ct_soft_tissue")
-    img = nib.load(str(out))
-    assert img.shape == shape
-    assert np.allclose(img.affine, affine)
-    data = np.asarray(img.dataobj)
+    data, got_affine, _ = _map_back_to_source(tmp_path, dc, "ct_soft_tissue", {"image": str(src)})
+    assert data.shape == shape
+    assert np.allclose(got_affine, affine)
     peak = np.unravel_index(int(np.argmax(data)), shape)
     assert lesion_vox[peak], (peak, np.argwhere(lesion_vox).mean(0))
     assert data[lesion_vox].mean() > 5 * data[~lesion_vox].mean()
@@ -425,7 +433,6 @@ def test_nifti_map_of_a_two_sequence_case_is_on_the_first_sequence_grid(tmp_path
     (nibabel is the reference); the lesion is where the first sequence has it."""
     nib = pytest.importorskip("nibabel")
     from medmim.config import DataConfig
-    from medmim.data.dataset import deterministic_transforms
 
     shape = (24, 20, 16)
     affine = np.array([[-1.2, 0, 0, 30.0], [0, 0.9, 0, -12.0], [0, 0, 2.5, 7.0], [0, 0, 0, 1]])
@@ -444,19 +451,11 @@ def test_nifti_map_of_a_two_sequence_case_is_on_the_first_sequence_grid(tmp_path
 
     dc = DataConfig(source="manifest", path="unused.csv", spatial_dims=3, image_size=16, modality="mri",
                     channels=["t1", "t2"])
-    source = {"image": [str(f) for f in files]}
-    item = deterministic_transforms(dc, "mri_percentile", with_mask=False)(dict(source))
-    assert item["image"].shape == (2, 16, 16, 16)
-    x = item["image"][None].float()
-    settings = ScoreSettings(num_masks=4, mask_ratio=0.75, error="l2", smooth_sigma=0.0)
-    amap = anomaly_maps(VisibleMeanInpainter(4, 3, "median"), x, settings,
-                        generator=torch.Generator().manual_seed(0))["l2"][0]
-
-    out = save_nifti_map(tmp_path / "map.nii.gz", amap, source, dc, "mri_percentile")
-    img = nib.load(str(out))
-    assert img.shape == shape
-    assert np.allclose(img.affine, affine)
-    data = np.asarray(img.dataobj)
+    data, got_affine, net_shape = _map_back_to_source(tmp_path, dc, "mri_percentile",
+                                                      {"image": [str(f) for f in files]})
+    assert net_shape == (2, 16, 16, 16)
+    assert data.shape == shape
+    assert np.allclose(got_affine, affine)
     peak = np.unravel_index(int(np.argmax(data)), shape)
     assert lesion_vox[peak], (peak, np.argwhere(lesion_vox).mean(0))
     assert data[lesion_vox].mean() > 2 * data[~lesion_vox].mean()
