@@ -71,7 +71,7 @@ def main() -> None:
     test_counts = card["splits"]["test"]["classes"]
     majority = max(test_counts.values()) / sum(test_counts.values())
     load1 = os.getloadavg()[0]
-    print(f"| step | command | wall (s) |\n|---|---|---|")
+    print("| step | command | wall (s) |\n|---|---|---|")
     for name, cmd, dt in rows:
         print(f"| {name} | `{cmd}` | {dt:.1f} |")
     print(f"| total | | {sum(r[2] for r in rows):.1f} |")

@@ -6,7 +6,7 @@ Wilcoxon test over matched (fold, seed) cells (against scipy and exact small-sam
 from __future__ import annotations
 
 import json
-from collections import Counter, defaultdict
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np

@@ -406,8 +406,6 @@ def _probs(table, names):
 def _pipeline(tmp_path, dims: int, channels: list[str], method: str, encoder: str, *extra: str):
     """pretrain -> finetune -> evaluate -> predict (on a channel manifest of the test cases) through the
     CLI on multi-sequence phantoms; returns (run dir, predict's and evaluate's probabilities, manifest)."""
-    from pathlib import Path
-
     from medmim.cli import main
 
     common = [f"run.out_dir={tmp_path / 'runs'}", f"data.phantoms.out_dir={tmp_path / 'data'}", "run.name=mc",

@@ -123,7 +123,7 @@ from sklearn import metrics as skm  # noqa: E402
 from medmim.eval.plots import curve_points  # noqa: E402
 from medmim.eval.predictions import read_predictions, resolve_class_names, write_predictions  # noqa: E402
 from medmim.eval.report import (MIN_PAIRS, confusion_by_init, degenerate_flags, paired_test,  # noqa: E402
-                                per_class_table, study_context)
+                                study_context)
 
 
 def _cell_outputs(study: Path, row: dict, rng, n_test: int = 40, k: int = 2, strength: float = 1.0,

@@ -360,7 +360,7 @@ def train_anomaly(cfg: Config, *, resume: bool = False, log: Callable[[str], Non
                         "threshold_source": f"val split, {int((~np.array([m['anomalous'] for m in val_meta], bool)).sum())} "
                                             f"normal images, specificity {ac.target_specificity}",
                         "val_metrics": metrics})
-        log(f"[anomaly] validation: " + ", ".join(
+        log("[anomaly] validation: " + ", ".join(
             f"{k} image AUROC {metrics[k]['image_auroc']:.3f}" for k in kinds_in(out)))
         vbase = baseline_scores(cfg, val_items, runtime, untrained_model(cfg),
                                 None if texmim is None else new_texture_mim(cfg, untrained=True).fit(train_items))

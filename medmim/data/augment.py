@@ -193,7 +193,7 @@ class BatchAugment:
         """Crop (fraction ``frac`` of each axis at relative ``start``) and resize to ``size``, as
         RandResizedCropd + Resize(bilinear, align_corners=False) do, for every sample at once."""
         shape = x.shape[2:]
-        n, b = len(shape), x.shape[0]
+        n = len(shape)
         out = (self.size,) * n
         per_axis = []
         for ax, d in enumerate(shape):

@@ -42,7 +42,7 @@ import numpy as np
 
 from medmim.config import Config, UnlabelledSource
 from medmim.data.presets import DEFAULT_FOR_MODALITY
-from medmim.data.readers import NPZ_REF, _is_dicom, _suffix, npz_entry
+from medmim.data.readers import NPZ_REF, _is_dicom, _suffix
 from medmim.errors import DataError
 
 __all__ = ["content_hash", "detect_kind", "source_records", "build_pool", "attach_pool", "preset_groups",
