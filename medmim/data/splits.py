@@ -11,9 +11,11 @@ that keep the class balance best.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
+import os
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
@@ -348,7 +350,18 @@ def content_hash(record: dict) -> str:
         h.update(repr((arr.shape, arr.dtype.str)).encode())
         h.update(memoryview(arr).cast("B"))
         return h.hexdigest()
-    with open(str(img), "rb") as fh:
+    st = os.stat(str(img))  # a file is hashed once per process while its size and mtime stay the same
+    return _file_hash(str(img), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=1 << 18)
+def _file_hash(path: str, size: int, mtime_ns: int) -> str:
+    """blake2b of a file's bytes; cached on (path, size, mtime), so the duplicate check, the pool's
+    guard against val/test and the data card read each file once per process."""
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=20)
+    with open(path, "rb") as fh:
         while block := fh.read(1 << 20):
             h.update(block)
     return h.hexdigest()
