@@ -130,11 +130,12 @@ def collect_inputs(paths: Iterable[str | Path], channels=None) -> list[Input]:
             continue
         files = sorted(q for q in p.rglob("*") if q.is_file() and not q.name.startswith("."))
         dicom = [q for q in files if _looks_dicom(q)]
+        is_dicom = set(dicom)
+        pictures = [Input(q) for q in files if q not in is_dicom and _suffix(q) in IMAGE_SUFFIXES]
         if channels and dicom:  # a multi-channel run: a folder of DICOM files is one study, its series the channels
-            out.append(Input(p))
-            out += [Input(q) for q in files if q not in set(dicom) and _suffix(q) in IMAGE_SUFFIXES]
+            out += [Input(p), *pictures]
             continue
-        out += [Input(q) for q in files if q not in set(dicom) and _suffix(q) in IMAGE_SUFFIXES]
+        out += pictures
         if dicom:
             skipped: list[dict] = []
             series = scan_folder(p, salt="", skipped=skipped, files=dicom)

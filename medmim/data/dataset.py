@@ -243,7 +243,7 @@ class LoadRecordd(mt.MapTransform):
 
     def __call__(self, data: dict) -> dict:
         d = dict(data)
-        extra = {k: d.pop(k, None) for k in (*_PASS_KEYS, "_stamp")}
+        extra = {k: d.pop(k, None) for k in _PASS_KEYS}
         frame = extra["frame"]
         frame = None if frame in (None, "") else int(frame)
         for key in self.key_iterator(d):

@@ -191,7 +191,7 @@ class FastChain2D:
     def __call__(self, data: dict) -> dict | None:
         if data.get("frame") not in (None, "") or data.get("series_id") not in (None, ""):
             return None
-        out = {k: v for k, v in data.items() if k not in ("series_id", "frame", "_stamp")}
+        out = {k: v for k, v in data.items() if k not in ("series_id", "frame")}
         if isinstance(data.get("image"), (list, tuple)) or len(self.presets) > 1:
             return self._channels(data, out)
         raws: dict[str, tuple[np.ndarray, torch.Tensor]] = {}
