@@ -36,7 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from medmim.anomaly.scoring import covering_masks, gaussian_filter, min_masks
-from medmim.anomaly.texture import STATS, RegionDetector, centre_and_scale, log_band_energy
+from medmim.anomaly.texture import (STATS, RegionDetector, centre_and_scale, log_band_energy, region_grid,
+                                    regions_to_pixels)
 
 FORMAT = "medmim-texture-mim-v1"
 
@@ -85,27 +86,18 @@ class TextureMIM(RegionDetector):
         self.buffers: dict[str, torch.Tensor] = {}  # e_mean, e_std (scalars); r_centre, r_scale (per region)
 
     # ---- pieces ---------------------------------------------------------------------------------
-    def cells(self, spatial: Sequence[int]) -> tuple[int, ...]:
-        return tuple(math.ceil(s / self.cell) for s in spatial)
+    def _blur(self, x: torch.Tensor) -> torch.Tensor:
+        """The network's view of an image: its channel mean blurred at ``input_sigma``."""
+        return gaussian_filter(x.float().mean(1, keepdim=True), self.input_sigma)
 
-    def regions(self, spatial: Sequence[int]) -> tuple[int, ...]:
-        return tuple(math.ceil(s / self.pool) for s in spatial)
-
-    def _inputs(self, x: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        """Blurred image with the hidden cells zeroed, plus the mask channel."""
-        m = hidden.float()
-        for axis in range(1, m.ndim):
-            m = m.repeat_interleave(self.cell, dim=axis)
-        m = m[(slice(None), *[slice(0, s) for s in x.shape[2:]])].unsqueeze(1)
-        blurred = gaussian_filter(x.float().mean(1, keepdim=True), self.input_sigma)
+    def _inputs(self, blurred: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """The blurred image with the hidden cells zeroed, plus the mask channel."""
+        m = regions_to_pixels(hidden.float(), self.cell, blurred.shape[2:]).unsqueeze(1)
         return torch.cat([blurred * (1 - m), m], 1)
 
     def _region_mask(self, hidden: torch.Tensor, spatial: Sequence[int]) -> torch.Tensor:
         """Cell mask ``(B, *cells)`` -> region mask ``(B, 1, *regions)``."""
-        m = hidden.float()
-        for axis in range(1, m.ndim):
-            m = m.repeat_interleave(self.cell // self.pool, dim=axis)
-        return m[(slice(None), *[slice(0, s) for s in self.regions(spatial)])].unsqueeze(1)
+        return regions_to_pixels(hidden.float(), self.cell // self.pool, region_grid(spatial, self.pool)).unsqueeze(1)
 
     def _energies(self, x: torch.Tensor) -> torch.Tensor:
         return log_band_energy(x, self.sigmas, self.pool)
@@ -118,7 +110,8 @@ class TextureMIM(RegionDetector):
         self.net.eval()
         spatial = x.shape[2:]
         e = self._energies(x)
-        grid = self.cells(spatial)
+        grid = region_grid(spatial, self.cell)
+        blurred = self._blur(x)  # the same for every mask
         k_masks = max(self.num_masks, min_masks(grid, self.mask_ratio))  # enough masks to hide every cell
         masks = covering_masks(x.shape[0], grid, self.mask_ratio, k_masks,
                                generator=torch.Generator().manual_seed(self.seed))
@@ -126,7 +119,7 @@ class TextureMIM(RegionDetector):
         count = torch.zeros(x.shape[0], 1, *e.shape[2:])
         for k in range(k_masks):
             h = self._region_mask(masks[:, k], spatial)
-            out = self.net(self._inputs(x, masks[:, k]), e.shape[2:])
+            out = self.net(self._inputs(blurred, masks[:, k]), e.shape[2:])
             pred += (out * self.buffers["e_std"] + self.buffers["e_mean"]) * h
             count += h
         return e - pred / count.clamp_min(1)
@@ -146,7 +139,7 @@ class TextureMIM(RegionDetector):
         torch.manual_seed(self.seed)
         self.net = TextureNet(d, len(self.sigmas), self.width)
         opt = torch.optim.AdamW(self.net.parameters(), lr=self.lr, weight_decay=1e-4)
-        grid = self.cells(spatial)
+        grid = region_grid(spatial, self.cell)
         n_cells, n_hidden = math.prod(grid), max(1, round(self.mask_ratio * math.prod(grid)))
         self.net.train()
         for epoch in range(self.epochs):
@@ -156,7 +149,7 @@ class TextureMIM(RegionDetector):
                 b = order[i:i + self.batch_size]
                 hidden = (torch.rand(len(b), n_cells, generator=gen).argsort(1) < n_hidden).reshape(len(b), *grid)
                 h = self._region_mask(hidden, spatial)
-                pred = self.net(self._inputs(x[b], hidden), e.shape[2:])
+                pred = self.net(self._inputs(self._blur(x[b]), hidden), e.shape[2:])
                 loss = ((pred - target[b]) ** 2 * h).sum() / (h.sum() * e.shape[1]).clamp_min(1)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from medmim.anomaly.scoring import gaussian_filter
+from medmim.models.patches import upsample_mask
 
 SIDES = ("deficit", "excess", "both")
 STATS = ("mean_std", "median_mad")
@@ -64,10 +65,7 @@ def top_mean(values: torch.Tensor, top: float) -> torch.Tensor:
 def regions_to_pixels(regions: torch.Tensor, pool: int, spatial: Sequence[int]) -> torch.Tensor:
     """Region maps ``(B, *grid)`` -> pixel maps ``(B, *spatial)``: each region's value repeated over
     its ``pool`` pixels per axis, cropped to ``spatial``."""
-    up = regions
-    for axis in range(1, up.ndim):
-        up = up.repeat_interleave(pool, dim=axis)
-    return up[(slice(None), *[slice(0, s) for s in spatial])]
+    return upsample_mask(regions, pool)[(slice(None), *[slice(0, s) for s in spatial])]
 
 
 def region_grid(spatial: Sequence[int], pool: int) -> tuple[int, ...]:
