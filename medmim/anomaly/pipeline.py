@@ -15,6 +15,7 @@ score: the saved model scores a split: ``scores_<split>/scores.csv`` (one row pe
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -156,10 +157,10 @@ def new_atlas(cfg: Config) -> TextureAtlas:
     return TextureAtlas(k["sigmas"], k["pool"], k["side"], k["stats"], k["top"])
 
 
-def texture_atlas(cfg: Config, data: DataBundle, run_dir: Path | None = None, train_items: list[dict] | None = None,
+def texture_atlas(cfg: Config, normals: Callable[[], list[dict]], run_dir: Path | None = None,
                   log: Callable[[str], None] = print) -> TextureAtlas:
     """The run's saved texture atlas when it fits ``anomaly.texture_*``; otherwise one learned now
-    from the normal training images (``train_items``, else the train split)."""
+    from the normal training images (``normals()``, called only then)."""
     key = texture_key(cfg)
     path = run_dir / ATLAS_NAME if run_dir is not None else None
     if path is not None and path.exists():
@@ -167,9 +168,7 @@ def texture_atlas(cfg: Config, data: DataBundle, run_dir: Path | None = None, tr
         if atlas.sigmas == key["sigmas"] and atlas.pool == key["pool"] and atlas.stats == key["stats"]:
             return atlas
         log(f"[anomaly] {path.name} was learned with other texture settings: learning the atlas again")
-    if train_items is None:
-        train_items, _ = load_split(cfg, data, "train", normal_only=True)
-    return new_atlas(cfg).fit(train_items)
+    return new_atlas(cfg).fit(normals())
 
 
 def texmim_key(cfg: Config) -> dict:
@@ -181,10 +180,11 @@ def texmim_key(cfg: Config) -> dict:
             "batch_size": a.texmim_batch_size, "lr": float(a.texmim_lr), "stats": a.texmim_stats, "seed": cfg.run.seed}
 
 
-def texture_mim(cfg: Config, data: DataBundle, run_dir: Path | None = None, train_items: list[dict] | None = None,
+def texture_mim(cfg: Config, normals: Callable[[], list[dict]], run_dir: Path | None = None,
                 log: Callable[[str], None] = print) -> TextureMIM | None:
     """The masked texture model: the run's saved one when it fits ``anomaly.texmim_*``; otherwise,
-    when ``anomaly.error`` is ``texmim``, one trained now on the normal training images; else None."""
+    when ``anomaly.error`` is ``texmim``, one trained now on the normal training images (``normals()``,
+    called only then); else None."""
     key = texmim_key(cfg)
     path = run_dir / TEXMIM_NAME if run_dir is not None else None
     if path is not None and path.exists():
@@ -194,8 +194,7 @@ def texture_mim(cfg: Config, data: DataBundle, run_dir: Path | None = None, trai
         log(f"[anomaly] {path.name} was trained with other settings")
     if cfg.anomaly.error != "texmim":
         return None
-    if train_items is None:
-        train_items, _ = load_split(cfg, data, "train", normal_only=True)
+    train_items = normals()
     log(f"[anomaly] training the masked texture model on {len(train_items)} normal images")
     return new_texture_mim(cfg).fit(train_items, log=log)
 
@@ -330,7 +329,7 @@ def train_anomaly(cfg: Config, *, resume: bool = False, log: Callable[[str], Non
         stage="anomaly:train", log=log)
     train_time = time.time() - t0
     atlas = new_atlas(cfg).fit(train_items)
-    texmim = texture_mim(cfg, data, train_items=train_items, log=log)
+    texmim = texture_mim(cfg, lambda: train_items, log=log)
     if run.writer:
         atlas.save(run.path / ATLAS_NAME)
         if texmim is not None:
@@ -393,7 +392,9 @@ def score_anomaly(run_dir: str | Path, overrides: list[str] | None = None, *, sp
     data = prepare_data(cfg)
     runtime = Runtime.from_config(cfg.run)
     model = load_model(cfg, run_dir).to(runtime.device)
-    scorers = (texture_atlas(cfg, data, run_dir, log=log), texture_mim(cfg, data, run_dir, log=log))
+    # the normal training images, loaded once and only if a detector must be learned now
+    normals = functools.cache(lambda: load_split(cfg, data, "train", normal_only=True)[0])
+    scorers = (texture_atlas(cfg, normals, run_dir, log=log), texture_mim(cfg, normals, run_dir, log=log))
     settings = ScoreSettings.from_config(cfg)
     thresholds = dict(sidecar.get("thresholds") or {})
     threshold_note = sidecar.get("threshold_source", "")
@@ -419,7 +420,7 @@ def score_anomaly(run_dir: str | Path, overrides: list[str] | None = None, *, sp
         untrained = untrained_model(cfg)
         untrained_tm = None
         if scorers[1] is not None:
-            untrained_tm = new_texture_mim(cfg, untrained=True).fit(load_split(cfg, data, "train", normal_only=True)[0])
+            untrained_tm = new_texture_mim(cfg, untrained=True).fit(normals())
         base = baseline_scores(cfg, items, runtime, untrained, untrained_tm)
         vbase = base if split == "val" else baseline_scores(cfg, val_items, runtime, untrained, untrained_tm)
         cmp = baseline_comparison(cfg, (vout, val_meta, vbase), (out, meta, base))
