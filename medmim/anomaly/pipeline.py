@@ -173,11 +173,7 @@ def texture_atlas(cfg: Config, normals: Callable[[], list[dict]], run_dir: Path 
 
 def texmim_key(cfg: Config) -> dict:
     """The settings a saved masked texture model must have been trained with (``TextureMIM.settings``)."""
-    a = cfg.anomaly
-    return {"sigmas": [float(v) for v in a.texture_sigmas], "pool": a.texture_pool,
-            "input_sigma": float(a.texmim_input_sigma), "mask_ratio": float(a.texmim_mask_ratio), "cell": a.texmim_cell,
-            "num_masks": a.texmim_num_masks, "width": a.texmim_width, "epochs": a.texmim_epochs,
-            "batch_size": a.texmim_batch_size, "lr": float(a.texmim_lr), "stats": a.texmim_stats, "seed": cfg.run.seed}
+    return new_texture_mim(cfg).settings()
 
 
 def texture_mim(cfg: Config, normals: Callable[[], list[dict]], run_dir: Path | None = None,
@@ -203,11 +199,12 @@ def new_texture_mim(cfg: Config, untrained: bool = False) -> TextureMIM:
     """An unfitted masked texture model with the ``anomaly.texmim_*`` settings; ``untrained``: with
     0 epochs, so ``fit`` only learns the normal residuals' statistics around the network's random
     initialisation (its sanity baseline, "the same model untrained")."""
-    settings = texmim_key(cfg)
-    sigmas, pool = settings.pop("sigmas"), settings.pop("pool")
-    if untrained:
-        settings["epochs"] = 0
-    return TextureMIM(sigmas, pool, top=cfg.anomaly.texmim_top, **settings)
+    a = cfg.anomaly
+    return TextureMIM(a.texture_sigmas, a.texture_pool, input_sigma=a.texmim_input_sigma,
+                      mask_ratio=a.texmim_mask_ratio, cell=a.texmim_cell, num_masks=a.texmim_num_masks,
+                      width=a.texmim_width, epochs=0 if untrained else a.texmim_epochs,
+                      batch_size=a.texmim_batch_size, lr=a.texmim_lr, stats=a.texmim_stats, top=a.texmim_top,
+                      seed=cfg.run.seed)
 
 
 # ---- scoring a split ----------------------------------------------------------------------------
