@@ -28,6 +28,8 @@ def save_overlay_png(path: str | Path, image: np.ndarray, amap: np.ndarray, *, l
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from medmim.eval.plots import save_figure
+
     img, m = np.asarray(image, np.float32), np.asarray(amap, np.float32)
     fig, axes = plt.subplots(1, 2, figsize=(5.2, 2.8), dpi=100)
     axes[0].imshow(img, cmap="gray", vmin=0, vmax=1)
@@ -44,11 +46,7 @@ def save_overlay_png(path: str | Path, image: np.ndarray, amap: np.ndarray, *, l
     if title:
         fig.suptitle(title, fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def map_to_source(amap: torch.Tensor | np.ndarray, source: dict | None, dc, preset: str) -> tuple[np.ndarray, np.ndarray]:

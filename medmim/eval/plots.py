@@ -211,10 +211,10 @@ def plot_learning_curves(cells: dict[str, list[tuple[int, list[dict]]]], path: s
     return save_figure(fig, path)
 
 
-def save_figure(fig, path: str | Path) -> Path:
-    """Write ``fig`` as a PNG atomically and close it."""
+def save_figure(fig, path: str | Path, **savefig_kw) -> Path:
+    """Write ``fig`` as a PNG atomically (``savefig_kw``: more ``Figure.savefig`` options) and close it."""
     path = Path(path)
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
+        fig.savefig(tmp, format="png", **savefig_kw)
     plt.close(fig)
     return path

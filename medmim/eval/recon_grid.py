@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from medmim.io import atomic_path  # noqa: E402
+from medmim.eval.plots import save_figure  # noqa: E402
 from medmim.models.patches import upsample_mask  # noqa: E402
 
 
@@ -73,8 +73,4 @@ def save_recon_grid(path: str | Path, images: torch.Tensor, recon: torch.Tensor,
                 if j == 0:
                     ax.set_ylabel(f"{names[k]} {title}".strip(), fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=100)
