@@ -198,22 +198,10 @@ class FastChain2D:
         for key in self.keys:
             if key not in data:
                 continue
-            got = self._read(data[key], key)
+            got = self._plane(data[key], key, quiet=False)
             if got is None:
                 return None
-            arr, where, from_file = got
-            where = where or f"<array {key}>"
-            native = torch.from_numpy(np.require(arr, requirements=["C", "W"])) if arr.dtype in _TORCH_NATIVE else None
-            if from_file:  # monai LoadImage(dtype=float32): the file's values as float32
-                t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
-            else:  # arrays keep their dtype up to the checks (medmim.data.readers.read_image)
-                t = native if native is not None else torch.as_tensor(arr)
-            t = channel_first(t, 2, key, where)
-            # the checks do not depend on the channel axis; on the integer array they skip the NaN scan
-            validate(native if (native is not None and native.dim() == 2) else t, key, where)
-            t = t.float()
-            raw = arr if (arr.ndim == 2 and arr.dtype.kind in "iub") else t.numpy()
-            raws[key] = (raw, t)
+            raws[key] = got
         if "image" in raws and "mask" in raws:
             check_pair(raws["image"][1], raws["mask"][1], str(data.get("mask")))
         for key, (raw, t) in raws.items():
@@ -222,23 +210,27 @@ class FastChain2D:
             out[key] = self._size(t, "area" if key == "image" else "nearest").contiguous()
         return out
 
-    def _plane(self, value, key: str) -> tuple[np.ndarray, torch.Tensor] | None:
+    def _plane(self, value, key: str, quiet: bool = True) -> tuple[np.ndarray, torch.Tensor] | None:
         """(raw array, (1, H, W) float32) of one grayscale picture / npz entry / array, checked; None when
-        the MONAI path should handle (or report) it."""
+        the MONAI path should handle it. A failed check raises (``quiet=False``) or gives None, so that
+        the MONAI path reports it naming the channel (``quiet``)."""
         got = self._read(value, key)
         if got is None:
             return None
         arr, where, from_file = got
         where = where or f"<array {key}>"
         native = torch.from_numpy(np.require(arr, requirements=["C", "W"])) if arr.dtype in _TORCH_NATIVE else None
-        if from_file:
+        if from_file:  # monai LoadImage(dtype=float32): the file's values as float32
             t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
-        else:
+        else:  # arrays keep their dtype up to the checks (medmim.data.readers.read_image)
             t = native if native is not None else torch.as_tensor(arr)
         try:
             t = channel_first(t, 2, key, where)
+            # the checks do not depend on the channel axis; on the integer array they skip the NaN scan
             validate(native if (native is not None and native.dim() == 2) else t, key, where)
-        except Exception:  # noqa: BLE001 - the MONAI path gives the message (naming the channel)
+        except Exception:  # noqa: BLE001
+            if not quiet:
+                raise
             return None
         t = t.float()
         return (arr if (arr.ndim == 2 and arr.dtype.kind in "iub") else t.numpy()), t
