@@ -47,10 +47,9 @@ def transform_config(dc, preset: str, with_mask: bool) -> dict:
     cfg = {f: getattr(dc, f) for f in KEY_FIELDS}
     out = {"version": CACHE_VERSION, "preset": preset, "with_mask": bool(with_mask), **cfg}
     if dc.channels:
-        from medmim.data.presets import channel_presets
+        from medmim.data.presets import channel_entries
 
-        out["channels"] = [{"name": c.name, "preset": pr, "series": c.series}
-                           for c, pr in zip(dc.channels, channel_presets(dc, preset))]
+        out["channels"] = channel_entries(dc, preset)
         out["channel_axis"] = dc.channel_axis
     return out
 

@@ -206,11 +206,9 @@ def cmd_card(args) -> int:
 
 def _channel_entries(dc, preset: str) -> list[dict] | None:
     """data.channels with each channel's resolved intensity preset (None: one grayscale channel)."""
-    from medmim.data.presets import channel_presets
+    from medmim.data.presets import channel_entries
 
-    if not dc.channels:
-        return None
-    return [{"name": c.name, "preset": p, "series": c.series} for c, p in zip(dc.channels, channel_presets(dc, preset))]
+    return channel_entries(dc, preset) or None
 
 
 def cmd_check(args) -> int:

@@ -71,6 +71,12 @@ def channel_presets(dc, preset: str) -> list[str]:
     return [c.preset or preset for c in dc.channels] or [preset]
 
 
+def channel_entries(dc, preset: str) -> list[dict]:
+    """The declared channels with their resolved presets: ``{"name", "preset", "series"}`` each, in
+    order (cache keys, data cards); empty when no channels are declared."""
+    return [{"name": c.name, "preset": p, "series": c.series} for c, p in zip(dc.channels, channel_presets(dc, preset))]
+
+
 def intensity_step(presets: Sequence[str], keys=("image",)) -> mt.MapTransform:
     """One channel: the preset's transform itself (the numbers of a grayscale run); several: per channel."""
     if len(presets) == 1:
