@@ -198,6 +198,16 @@ class DataConfig(Section):
         names = [c.name for c in self.channels]
         if len(set(names)) != len(names):
             raise ValueError(f"data.channels repeats a name: {names}")
+        if self.channel_dropout > 0:  # checked here, not when fine-tuning starts after a long pretraining
+            if self.in_channels < 2:
+                raise ValueError(f"data.channel_dropout={self.channel_dropout} needs at least 2 channels in "
+                                 f"data.channels (got {self.in_channels}): the only channel of an image is never dropped")
+            from medmim.data.augment import independent_drop_rate
+
+            try:
+                independent_drop_rate(self.channel_dropout, self.in_channels)
+            except ValueError as exc:
+                raise ValueError(f"data.channel_dropout: {exc}") from None
         if self.folds == 1:
             raise ValueError("data.folds must be 0 (no cross-validation) or at least 2")
         if self.class_names is not None:

@@ -326,18 +326,6 @@ def augment_transforms(dc: DataConfig, with_mask: bool, stage: str = "finetune")
     (``data.channel_dropout``: each channel zeroed with that probability, never all of them).
     Training only: evaluation and prediction run the deterministic chain alone. Parameters:
     medmim.data.augment."""
-    if dc.channel_dropout > 0 and dc.in_channels < 2:
-        from medmim.errors import ConfigError
-
-        raise ConfigError(f"data.channel_dropout={dc.channel_dropout} needs at least 2 channels in data.channels "
-                          f"(got {dc.in_channels}): the only channel of an image is never dropped")
-    if dc.channel_dropout > 0:
-        try:
-            aug.independent_drop_rate(dc.channel_dropout, dc.in_channels)
-        except ValueError as exc:
-            from medmim.errors import ConfigError
-
-            raise ConfigError(f"data.channel_dropout: {exc}") from None
     keys = ["image", "mask"] if with_mask else ["image"]
     size = (dc.image_size,) * dc.spatial_dims
     rot = (aug.ROTATE,) if dc.spatial_dims == 2 else (aug.ROTATE, 0.0, 0.0)
